@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Install vlunet: ``pip install .`` (or ``pip install -e .[test]`` for development)."""
+from setuptools import find_packages, setup
+
+VERSION = '0.1.0'  # keep in step with vlunet/version.py (a test checks they agree)
+
+with open('README.md', encoding='utf-8') as f:
+    long_description = f.read()
+
+setup(
+    name='vlunet',
+    version=VERSION,
+    description='VLU-Net (CVPR 2025) and its peers DGUNet, Restormer and PromptIR as a BasicSR plugin',
+    long_description=long_description,
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.10',
+    packages=find_packages(include=['vlunet', 'vlunet.*']),
+    include_package_data=True,
+    package_data={'vlunet': ['demo_data/**/*', 'clip_configs/*.json', 'options/**/*.yml']},
+    install_requires=[
+        'torch>=2.1',
+        'torchvision>=0.16',
+        'basicsr==1.4.2',
+        'open_clip_torch>=2.20',
+        'lmdb',
+        'opencv-python',
+        'pyyaml',
+        'tqdm',
+        'numpy',
+        'setuptools',  # basicsr imports distutils, which Python 3.12 no longer ships
+    ],
+    extras_require={'test': ['pytest>=7', 'scikit-image']},
+    entry_points={
+        'console_scripts': [
+            'vlunet-train=vlunet.train:main',
+            'vlunet-test=vlunet.test:main',
+        ],
+    },
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'License :: OSI Approved :: Apache Software License',
+        'Topic :: Scientific/Engineering :: Image Processing',
+    ],
+)

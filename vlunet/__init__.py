@@ -1,0 +1,9 @@
+"""vlunet: VLU-Net and its peers as a BasicSR plugin.
+
+``import vlunet`` first applies the BasicSR compatibility fixes (:mod:`vlunet.compat`), then
+registers every architecture, dataset, loss and model of the package in BasicSR's registries.
+"""
+# isort: off
+from . import compat  # noqa: F401  (must run before anything imports basicsr)
+from . import archs, data, losses, models  # noqa: F401
+from .version import __version__  # noqa: F401
