@@ -1,13 +1,29 @@
-"""Compatibility fixes that make basicsr 1.4.2 work on torch 2.x / torchvision >= 0.17 / numpy 2.
+"""Make basicsr 1.4.2 (the latest release, 2022) work on today's stack, without forking it.
 
-Imported first by ``import vlunet``. (Work in progress: more fixes follow.)
+Imported first by ``import vlunet``. Each fix below is one small function whose docstring names
+the symptom it removes; ``apply()`` runs them all once. Every fix only *adds* behaviour: BasicSR's
+own option files, models and tests keep working (tests/test_compat.py checks each symptom).
+
+Stack this was measured on: torch 2.14, torchvision 0.29, numpy 2, Python 3.11/3.12, py-lmdb 2.x.
+This module knows BasicSR and torch only; it imports nothing else from vlunet.
 """
+import collections
+import math
+import os
 import sys
 import types
+import warnings
+
+import torch
+
+_APPLIED = False
 
 
-def _shim_functional_tensor():
-    """Symptom: ``import basicsr`` fails with ``No module named 'torchvision.transforms.functional_tensor'``.
+# ---------------------------------------------------------------------------------------------
+# 1. import basicsr
+# ---------------------------------------------------------------------------------------------
+def fix_functional_tensor_import():
+    """Symptom: ``import basicsr`` fails: No module named 'torchvision.transforms.functional_tensor'.
 
     torchvision 0.17 removed that private module; basicsr.data.degradations imports
     ``rgb_to_grayscale`` from it. Provide the module, backed by the public function.
@@ -26,4 +42,295 @@ def _shim_functional_tensor():
     sys.modules[name] = shim
 
 
-_shim_functional_tensor()
+# ---------------------------------------------------------------------------------------------
+# 2. option files: safe YAML, torchrun's --local-rank
+# ---------------------------------------------------------------------------------------------
+def _ordered_safe_yaml():
+    """(Loader, Dumper) like basicsr's ``ordered_yaml`` but the Loader is a SafeLoader."""
+    import yaml
+
+    class OrderedSafeLoader(yaml.SafeLoader):
+        pass
+
+    class OrderedDumper(yaml.SafeDumper):
+        pass
+
+    def construct_ordered(loader, node):
+        return collections.OrderedDict(loader.construct_pairs(node))
+
+    def represent_ordered(dumper, data):
+        return dumper.represent_dict(data.items())
+
+    OrderedSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_ordered)
+    OrderedDumper.add_representer(collections.OrderedDict, represent_ordered)
+    return OrderedSafeLoader, OrderedDumper
+
+
+def fix_unsafe_yaml():
+    """Symptom: an option file with ``!!python/object/apply:os.system [...]`` runs that command.
+
+    basicsr's ``ordered_yaml()`` returns PyYAML's full (C)Loader, which constructs arbitrary
+    Python objects. Option files are data: parse them with a SafeLoader (ordered mappings kept).
+    A python tag now raises ``yaml.constructor.ConstructorError`` naming the tag.
+    """
+    from basicsr.utils import options
+    options.ordered_yaml = _ordered_safe_yaml
+
+
+def _normalise_local_rank_argv(argv):
+    """``--local-rank=N`` / ``--local-rank N`` (torch.distributed.launch since torch 2.0) -> ``--local_rank``."""
+    out = []
+    for arg in argv:
+        if arg == '--local-rank':
+            arg = '--local_rank'
+        elif arg.startswith('--local-rank='):
+            arg = '--local_rank=' + arg.split('=', 1)[1]
+        out.append(arg)
+    return out
+
+
+def fix_local_rank_argument():
+    """Symptom: ``error: unrecognized arguments: --local-rank=0`` under torch's distributed launchers.
+
+    BasicSR's parser knows ``--local_rank`` only. Accept the hyphenated spelling as well.
+    """
+    from basicsr.utils import options
+    original = options.parse_options
+    if getattr(original, '_vlunet_wrapped', False):
+        return
+
+    def parse_options(root_path, is_train=True):
+        sys.argv[1:] = _normalise_local_rank_argv(sys.argv[1:])
+        return original(root_path, is_train=is_train)
+
+    parse_options._vlunet_wrapped = True
+    options.parse_options = parse_options
+    # basicsr.train / basicsr.test imported the name directly
+    for module_name in ('basicsr.train', 'basicsr.test'):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, 'parse_options'):
+            module.parse_options = parse_options
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. distributed training on CPU (gloo) and GPU (nccl), LOCAL_RANK respected
+# ---------------------------------------------------------------------------------------------
+def fix_distributed_init():
+    """Symptom: ``--launcher pytorch`` on a CPU machine dies with ZeroDivisionError / NCCL errors.
+
+    basicsr always asks for NCCL and picks the GPU as ``RANK % device_count()``. Use gloo when
+    CUDA is unavailable, nccl otherwise, and take the device from ``LOCAL_RANK`` (set by torchrun),
+    which is right on several nodes where RANK is not.
+    """
+    import torch.distributed as dist
+    from basicsr.utils import dist_util
+
+    def _init_dist_pytorch(backend='nccl', **kwargs):
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get('LOCAL_RANK', int(os.environ['RANK']) % torch.cuda.device_count()))
+            torch.cuda.set_device(local_rank)
+        else:
+            backend = 'gloo'
+        dist.init_process_group(backend=backend, **kwargs)
+
+    dist_util._init_dist_pytorch = _init_dist_pytorch
+
+
+def fix_ddp_device_ids():
+    """Symptom: with ``--launcher pytorch`` on CPU, DistributedDataParallel fails on CUDA device ids.
+
+    basicsr wraps every network with ``device_ids=[torch.cuda.current_device()]``. On CPU the
+    wrapper must get no device ids.
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    from basicsr.models.base_model import BaseModel
+
+    def model_to_device(self, net):
+        net = net.to(self.device)
+        if self.opt['dist']:
+            find_unused = self.opt.get('find_unused_parameters', False)
+            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+            net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
+        elif self.opt['num_gpu'] > 1:
+            net = DataParallel(net)
+        return net
+
+    BaseModel.model_to_device = model_to_device
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. resuming: CPU map_location, experiments/ under root_path, weights_only loading
+# ---------------------------------------------------------------------------------------------
+# What is trusted when a resume state is loaded with weights_only=True: the states are the ones
+# BaseModel.save_training_state wrote (epoch, iter, optimizer and scheduler state_dicts). Besides
+# tensors and builtin containers they hold collections.Counter (MultiStepRestartLR milestones);
+# that one class is allowlisted, nothing that could execute code.
+RESUME_STATE_SAFE_GLOBALS = [collections.Counter]
+
+
+def load_training_state(path, map_location='cpu'):
+    """Load a BasicSR training state with ``weights_only=True`` (see RESUME_STATE_SAFE_GLOBALS)."""
+    with torch.serialization.safe_globals(RESUME_STATE_SAFE_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def fix_resume_state_loading():
+    """Symptoms: ``--auto_resume`` crashes on CPU-only machines (states are mapped with
+    ``torch.cuda.current_device()``); it looks in a cwd-relative ``experiments/`` and, started
+    from another directory, silently restarts at iter 0 and archives the run; and states holding
+    a Counter no longer load under torch >= 2.6's ``weights_only=True`` default.
+
+    Find states in ``opt['path']['training_states']`` (under root_path), map them to the CPU
+    (optimizer.load_state_dict moves them to the parameters' device), load them weights-only.
+    """
+    import basicsr.train as basicsr_train
+    from basicsr.utils import check_resume, get_root_logger, scandir
+
+    def load_resume_state(opt):
+        resume_state_path = None
+        if opt['auto_resume']:
+            state_dir = opt['path'].get('training_states') or os.path.join(
+                opt.get('root_path', '.'), 'experiments', opt['name'], 'training_states')
+            if os.path.isdir(state_dir):
+                states = [v for v in scandir(state_dir, suffix='.state', recursive=False, full_path=False)]
+                iters = [int(v[:-len('.state')]) for v in states if v[:-len('.state')].isdigit()]
+                if iters:
+                    resume_state_path = os.path.join(state_dir, f'{max(iters)}.state')
+                    opt['path']['resume_state'] = resume_state_path
+        elif opt['path'].get('resume_state'):
+            resume_state_path = opt['path']['resume_state']
+        if resume_state_path is None:
+            return None
+        if not os.path.isfile(resume_state_path):
+            raise FileNotFoundError(f'path.resume_state: no training state at {resume_state_path!r}')
+        resume_state = load_training_state(resume_state_path)
+        check_resume(opt, resume_state['iter'])
+        get_root_logger().info(f'Resume state: {resume_state_path}')
+        return resume_state
+
+    basicsr_train.load_resume_state = load_resume_state
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. LMDB opened twice in one process (train and val on one database)
+# ---------------------------------------------------------------------------------------------
+_LMDB_ENVS = {}
+
+
+def _open_lmdb_shared(path, **kwargs):
+    """One read-only environment per (process, database): py-lmdb >= 2 refuses a second open."""
+    import lmdb
+    key = (os.getpid(), os.path.realpath(path))
+    env = _LMDB_ENVS.get(key)
+    if env is None:
+        env = lmdb.open(path, **kwargs)
+        _LMDB_ENVS[key] = env
+    return env
+
+
+def fix_lmdb_double_open():
+    """Symptom: training and validating on one LMDB fails after the first validation with
+    ``lmdb.Error: ... The environment is already open in this process``.
+
+    Every BasicSR dataset opens its own LmdbBackend; share one environment per process and path.
+    """
+    from basicsr.utils.file_client import LmdbBackend
+
+    def __init__(self, db_paths, client_keys='default', readonly=True, lock=False, readahead=False, **kwargs):
+        client_keys = [client_keys] if isinstance(client_keys, str) else list(client_keys)
+        self.db_paths = [str(v) for v in db_paths] if isinstance(db_paths, (list, tuple)) else [str(db_paths)]
+        if len(client_keys) != len(self.db_paths):
+            raise ValueError('client_keys and db_paths should have the same length, '
+                             f'but received {len(client_keys)} and {len(self.db_paths)}.')
+        self._client = {
+            key: _open_lmdb_shared(path, readonly=readonly, lock=lock, readahead=readahead, **kwargs)
+            for key, path in zip(client_keys, self.db_paths)
+        }
+
+    LmdbBackend.__init__ = __init__
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. optimizers and schedulers
+# ---------------------------------------------------------------------------------------------
+class LinearWarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up from ``warmup_start_lr`` to the base lr over ``warmup_iter`` iterations, then
+    cosine decay to ``eta_min`` at ``total_iter`` (and ``eta_min`` afterwards).
+
+    This is the schedule of VLU-Net and PromptIR (15 warm-up epochs, then cosine), written in
+    iterations so it plugs into BasicSR's per-iteration ``scheduler.step()``. Option file::
+
+        scheduler: {type: LinearWarmupCosineLR, warmup_iter: 4500, total_iter: 64500, eta_min: 0}
+    """
+
+    def __init__(self, optimizer, warmup_iter, total_iter, warmup_start_lr=0.0, eta_min=0.0, last_epoch=-1):
+        if not 0 <= warmup_iter < total_iter:
+            raise ValueError(f'scheduler: need 0 <= warmup_iter < total_iter, got {warmup_iter} and {total_iter}')
+        self.warmup_iter = int(warmup_iter)
+        self.total_iter = int(total_iter)
+        self.warmup_start_lr = float(warmup_start_lr)
+        self.eta_min = float(eta_min)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, base_lr, it):
+        if it < self.warmup_iter:
+            return self.warmup_start_lr + (base_lr - self.warmup_start_lr) * it / self.warmup_iter
+        progress = min(1.0, (it - self.warmup_iter) / (self.total_iter - self.warmup_iter))
+        return self.eta_min + (base_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def get_lr(self):
+        return [self.lr_at(base_lr, self.last_epoch) for base_lr in self.base_lrs]
+
+
+def fix_optimizers_and_schedulers():
+    """Symptom: ``NotImplementedError: optimizer AdamW is not supperted yet`` and
+    ``Scheduler LinearWarmupCosineLR is not implemented yet``.
+
+    basicsr 1.4.2's BaseModel knows only Adam, MultiStepLR and CosineAnnealingRestartLR. Accept
+    every ``torch.optim`` optimizer by name (Adam, AdamW, SGD, ...) and add LinearWarmupCosineLR;
+    the original schedulers behave as before.
+    """
+    from basicsr.models.base_model import BaseModel
+    original_setup_schedulers = BaseModel.setup_schedulers
+
+    def get_optimizer(self, optim_type, params, lr, **kwargs):
+        optimizer_cls = getattr(torch.optim, optim_type, None)
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+            raise NotImplementedError(f'optimizer {optim_type!r} is not a torch.optim optimizer '
+                                      '(expected e.g. Adam, AdamW, SGD)')
+        return optimizer_cls(params, lr, **kwargs)
+
+    def setup_schedulers(self):
+        scheduler_opt = self.opt['train']['scheduler']
+        if scheduler_opt.get('type') == 'LinearWarmupCosineLR':
+            kwargs = {k: v for k, v in scheduler_opt.items() if k != 'type'}
+            for optimizer in self.optimizers:
+                self.schedulers.append(LinearWarmupCosineLR(optimizer, **kwargs))
+        else:
+            original_setup_schedulers(self)
+
+    BaseModel.get_optimizer = get_optimizer
+    BaseModel.setup_schedulers = setup_schedulers
+
+
+# ---------------------------------------------------------------------------------------------
+def apply():
+    """Apply every fix once (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    fix_functional_tensor_import()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # basicsr's own import-time deprecation noise
+        import basicsr  # noqa: F401
+    fix_unsafe_yaml()
+    fix_local_rank_argument()
+    fix_distributed_init()
+    fix_ddp_device_ids()
+    fix_resume_state_loading()
+    fix_lmdb_double_open()
+    fix_optimizers_and_schedulers()
+    _APPLIED = True
+
+
+apply()
