@@ -1,0 +1,227 @@
+"""``AllInOneDataset``: one dataset that mixes degradation sources (noise, rain, haze, ...).
+
+Option file (``datasets.train``; validation sets use the same type with one source each)::
+
+    type: AllInOneDataset
+    gt_size: 128                 # random crop (train phase)
+    use_hflip: true              # flips and 90-degree rotations (train phase)
+    use_rot: true
+    io_backend: {type: disk}     # default for every source; lmdb works too
+    seed: 0                      # validation: degraded images are a fixed function of (seed, file)
+    sources:
+      - name: noise15            # degradation type name (reported per item)
+        label: 0                 # integer label = index of its CLIP prompt (prompt_index overrides)
+        prompt: image with noise # optional: the CLIP prompt text of this type
+        dataroot_gt: datasets/WED_BSD400     # clean images ...
+        degradation: {type: gaussian_noise, sigma: 15}   # ... degraded on the fly (data/degradations.py)
+        repeat: 3                # how often the source's images appear per epoch
+      - name: rain
+        label: 4
+        dataroot_gt: datasets/Rain100L/train/target      # paired data
+        dataroot_lq: datasets/Rain100L/train/input
+        meta_info_file: ~        # optional list of file names (first column)
+        io_backend: {type: lmdb} # per-source override; dataroots then end in .lmdb
+        repeat: 120
+
+Every item is ``{'lq', 'gt', 'label', 'prompt_index', 'degradation', 'lq_path', 'gt_path'}``.
+For the ``train`` phase a ``gt_size`` patch is cut at random and augmented; otherwise the whole
+image is returned and synthetic degradations use a per-image seed, so validation sets are fixed.
+"""
+import os
+import zlib
+
+import numpy as np
+import torch
+from basicsr.data.transforms import augment
+from basicsr.utils import FileClient, img2tensor, scandir
+from basicsr.utils.registry import DATASET_REGISTRY
+from torch.utils import data as data
+
+from vlunet.data.degradations import apply_degradation, get_degradation
+
+IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file or option key and what was expected."""
+
+
+def _read_image(file_client, path, client_key):
+    """Read one image as float32 HWC BGR in [0, 1] (8- or 16-bit; gray is expanded to 3 channels)."""
+    try:
+        buf = file_client.get(path, client_key)
+    except FileNotFoundError:
+        raise DatasetError(f'image file not found: {path}') from None
+    if buf is None:
+        raise DatasetError(f'no entry {path!r} in LMDB {client_key!r}')
+    import cv2
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DatasetError(f'cannot decode image {path} (corrupt or not an image file)')
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    img = img.astype(np.float32) / scale
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    elif img.shape[2] == 4:
+        img = img[..., :3]
+    return img
+
+
+class _Source:
+    """One degradation source: a list of (gt, lq) keys plus how to read/degrade them."""
+
+    def __init__(self, opt, index, default_io):
+        where = f'datasets.sources[{index}]'
+        self.name = opt.get('name', f'source{index}')
+        if 'label' not in opt:
+            raise DatasetError(f'{where} ({self.name}): missing key "label" (integer degradation label)')
+        self.label = int(opt['label'])
+        self.prompt_index = int(opt.get('prompt_index', self.label))
+        self.prompt = opt.get('prompt')
+        self.repeat = int(opt.get('repeat', 1))
+        if self.repeat < 1:
+            raise DatasetError(f'{where}.repeat: expected a positive integer, got {opt["repeat"]!r}')
+        self.degradation = opt.get('degradation')
+        gt_root, lq_root = opt.get('dataroot_gt'), opt.get('dataroot_lq')
+        if gt_root is None:
+            raise DatasetError(f'{where} ({self.name}): missing key "dataroot_gt"')
+        if (lq_root is None) == (self.degradation is None):
+            raise DatasetError(f'{where} ({self.name}): give exactly one of "dataroot_lq" (paired data) '
+                               'or "degradation" (synthesised from clean images)')
+        if self.degradation is not None:
+            try:
+                get_degradation(dict(self.degradation).get('type'))
+            except KeyError as err:
+                raise DatasetError(f'{where}.degradation.type ({self.name}): {err.args[0]}') from None
+        self.io_opt = dict(opt.get('io_backend') or default_io)
+        self.paired = lq_root is not None
+        roots = {'gt': os.path.expanduser(gt_root)}
+        if self.paired:
+            roots['lq'] = os.path.expanduser(lq_root)
+        for key, root in roots.items():
+            if not os.path.exists(root):
+                raise DatasetError(f'{where}.dataroot_{key}: path does not exist: {root}')
+        self.roots = roots
+        self.names = self._list_names(opt.get('meta_info_file'), where)
+        if not self.names:
+            raise DatasetError(f'{where}.dataroot_gt: no images found in {roots["gt"]}')
+
+    def _list_names(self, meta_info_file, where):
+        if self.io_opt['type'] == 'lmdb':
+            lists = {k: _lmdb_keys(root) for k, root in self.roots.items()}
+        elif meta_info_file is not None:
+            if not os.path.isfile(meta_info_file):
+                raise DatasetError(f'{where}.meta_info_file: file not found: {meta_info_file}')
+            with open(meta_info_file) as f:
+                names = [line.split()[0] for line in f if line.strip()]
+            for key, root in self.roots.items():
+                missing = [n for n in names if not os.path.isfile(os.path.join(root, n))]
+                if missing:
+                    raise DatasetError(f'{meta_info_file}: {len(missing)} listed file(s) missing in '
+                                       f'dataroot_{key} {root}, e.g. {missing[:3]}')
+            return names
+        else:
+            lists = {
+                k: sorted(p for p in scandir(root, recursive=True) if p.lower().endswith(IMG_EXTENSIONS))
+                for k, root in self.roots.items()
+            }
+        if self.paired:
+            gt, lq = set(lists['gt']), set(lists['lq'])
+            if gt != lq:
+                only_gt, only_lq = sorted(gt - lq), sorted(lq - gt)
+                raise DatasetError(
+                    f'{where} ({self.name}): dataroot_gt {self.roots["gt"]} and dataroot_lq {self.roots["lq"]} '
+                    f'must hold the same file names; only in gt: {only_gt[:5]}, only in lq: {only_lq[:5]}')
+        return lists['gt']
+
+    def path(self, key, name):
+        return name if self.io_opt['type'] == 'lmdb' else os.path.join(self.roots[key], name)
+
+
+def _lmdb_keys(root):
+    meta = os.path.join(root, 'meta_info.txt')
+    if not root.endswith('.lmdb'):
+        raise DatasetError(f'io_backend lmdb: dataroot should end with .lmdb, got {root}')
+    if not os.path.isfile(meta):
+        raise DatasetError(f'LMDB {root} has no meta_info.txt (incomplete or not made by basicsr.utils.lmdb_util)')
+    with open(meta) as f:
+        return [os.path.splitext(line.split(' ')[0])[0] for line in f if line.strip()]
+
+
+@DATASET_REGISTRY.register()
+class AllInOneDataset(data.Dataset):
+    """Mix of degradation sources for all-in-one restoration (see the module docstring)."""
+
+    def __init__(self, opt):
+        super().__init__()
+        self.opt = opt
+        self.phase = opt.get('phase', 'train')
+        self.gt_size = opt.get('gt_size')
+        self.seed = int(opt.get('seed', 0))
+        sources = opt.get('sources')
+        if not sources:
+            raise DatasetError(f'datasets.{opt.get("name", "?")}: "sources" must list at least one source')
+        default_io = opt.get('io_backend') or {'type': 'disk'}
+        self.sources = [_Source(s, i, default_io) for i, s in enumerate(sources)]
+        repeat = self.phase == 'train'
+        self.index = [(si, ni) for si, src in enumerate(self.sources) for _ in range(src.repeat if repeat else 1)
+                      for ni in range(len(src.names))]
+        self.file_clients = [None] * len(self.sources)
+
+    def __len__(self):
+        return len(self.index)
+
+    def _client(self, si):
+        if self.file_clients[si] is None:
+            src = self.sources[si]
+            io_opt = dict(src.io_opt)
+            backend = io_opt.pop('type')
+            if backend == 'lmdb':
+                keys = list(src.roots)
+                io_opt.update(db_paths=[src.roots[k] for k in keys], client_keys=keys)
+            self.file_clients[si] = FileClient(backend, **io_opt)
+        return self.file_clients[si]
+
+    def _rng(self, src, name):
+        if self.phase == 'train':
+            return np.random.default_rng()
+        return np.random.default_rng([self.seed, zlib.crc32(f'{src.name}/{name}'.encode())])
+
+    def __getitem__(self, idx):
+        si, ni = self.index[idx]
+        src, name = self.sources[si], self.sources[si].names[ni]
+        client = self._client(si)
+        gt_path = src.path('gt', name)
+        gt = _read_image(client, gt_path, 'gt')
+        if src.paired:
+            lq_path = src.path('lq', name)
+            lq = _read_image(client, lq_path, 'lq')
+            if lq.shape != gt.shape:
+                raise DatasetError(f'size mismatch: {lq_path} is {lq.shape[1]}x{lq.shape[0]} but '
+                                   f'{gt_path} is {gt.shape[1]}x{gt.shape[0]} (W x H)')
+        else:
+            lq_path, lq = gt_path, None
+        if self.phase == 'train' and self.gt_size:
+            gt, lq = self._random_crop(gt, lq, gt_path)
+        if lq is None:
+            lq = apply_degradation(gt, src.degradation, self._rng(src, name))
+        if self.phase == 'train':
+            gt, lq = augment([gt, lq], self.opt.get('use_hflip', True), self.opt.get('use_rot', True))
+        gt_t, lq_t = img2tensor([gt, lq], bgr2rgb=True, float32=True)
+        return {
+            'lq': lq_t, 'gt': gt_t, 'label': src.label, 'prompt_index': src.prompt_index,
+            'degradation': src.name, 'lq_path': lq_path, 'gt_path': gt_path
+        }
+
+    def _random_crop(self, gt, lq, gt_path):
+        size = int(self.gt_size)
+        h, w = gt.shape[:2]
+        if h < size or w < size:
+            raise DatasetError(f'image {gt_path} is {w}x{h}, smaller than the training patch gt_size={size}')
+        top, left = np.random.randint(0, h - size + 1), np.random.randint(0, w - size + 1)
+        crop = (slice(top, top + size), slice(left, left + size))
+        return np.ascontiguousarray(gt[crop]), (None if lq is None else np.ascontiguousarray(lq[crop]))
+
+    def labels(self):
+        """Label of every item, in order (for class-balanced samplers and statistics)."""
+        return torch.tensor([self.sources[si].label for si, _ in self.index])
