@@ -56,6 +56,7 @@ def _ordered_safe_yaml():
         pass
 
     def construct_ordered(loader, node):
+        loader.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
         return collections.OrderedDict(loader.construct_pairs(node))
 
     def represent_ordered(dumper, data):
@@ -184,7 +185,7 @@ def fix_resume_state_loading():
     (optimizer.load_state_dict moves them to the parameters' device), load them weights-only.
     """
     import basicsr.train as basicsr_train
-    from basicsr.utils import check_resume, get_root_logger, scandir
+    from basicsr.utils import check_resume, scandir
 
     def load_resume_state(opt):
         resume_state_path = None
@@ -205,7 +206,8 @@ def fix_resume_state_loading():
             raise FileNotFoundError(f'path.resume_state: no training state at {resume_state_path!r}')
         resume_state = load_training_state(resume_state_path)
         check_resume(opt, resume_state['iter'])
-        get_root_logger().info(f'Resume state: {resume_state_path}')
+        # no logging here: the root logger is configured later, by train_pipeline
+        print(f'Resume state: {resume_state_path}', flush=True)
         return resume_state
 
     basicsr_train.load_resume_state = load_resume_state
@@ -261,11 +263,14 @@ class LinearWarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     iterations so it plugs into BasicSR's per-iteration ``scheduler.step()``. Option file::
 
         scheduler: {type: LinearWarmupCosineLR, warmup_iter: 4500, total_iter: 64500, eta_min: 0}
+
+    Without ``total_iter`` the scheduler ends with training (``train.total_iter``), so
+    ``--force_yml train:total_iter=N`` shortens the whole schedule.
     """
 
     def __init__(self, optimizer, warmup_iter, total_iter, warmup_start_lr=0.0, eta_min=0.0, last_epoch=-1):
-        if not 0 <= warmup_iter < total_iter:
-            raise ValueError(f'scheduler: need 0 <= warmup_iter < total_iter, got {warmup_iter} and {total_iter}')
+        if warmup_iter < 0 or total_iter <= 0:
+            raise ValueError(f'scheduler: need warmup_iter >= 0 and total_iter > 0, got {warmup_iter}, {total_iter}')
         self.warmup_iter = int(warmup_iter)
         self.total_iter = int(total_iter)
         self.warmup_start_lr = float(warmup_start_lr)
@@ -275,7 +280,7 @@ class LinearWarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     def lr_at(self, base_lr, it):
         if it < self.warmup_iter:
             return self.warmup_start_lr + (base_lr - self.warmup_start_lr) * it / self.warmup_iter
-        progress = min(1.0, (it - self.warmup_iter) / (self.total_iter - self.warmup_iter))
+        progress = min(1.0, (it - self.warmup_iter) / max(1, self.total_iter - self.warmup_iter))
         return self.eta_min + (base_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def get_lr(self):
@@ -304,6 +309,7 @@ def fix_optimizers_and_schedulers():
         scheduler_opt = self.opt['train']['scheduler']
         if scheduler_opt.get('type') == 'LinearWarmupCosineLR':
             kwargs = {k: v for k, v in scheduler_opt.items() if k != 'type'}
+            kwargs.setdefault('total_iter', int(self.opt['train']['total_iter']))
             for optimizer in self.optimizers:
                 self.schedulers.append(LinearWarmupCosineLR(optimizer, **kwargs))
         else:

@@ -12,7 +12,7 @@ Option file (``datasets.train``; validation sets use the same type with one sour
       - name: noise15            # degradation type name (reported per item)
         label: 0                 # integer label = index of its CLIP prompt (prompt_index overrides)
         prompt: image with noise # optional: the CLIP prompt text of this type
-        dataroot_gt: datasets/WED_BSD400     # clean images ...
+        dataroot_gt: datasets/WED_BSD400     # clean images (vlunet://demo_data/... = shipped with the package)
         degradation: {type: gaussian_noise, sigma: 15}   # ... degraded on the fly (data/degradations.py)
         repeat: 3                # how often the source's images appear per epoch
       - name: rain
@@ -40,6 +40,16 @@ from torch.utils import data as data
 from vlunet.data.degradations import apply_degradation, get_degradation
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+
+
+PACKAGE_PREFIX = 'vlunet://'
+
+
+def resolve_dataroot(path):
+    """Expand ``~`` and the ``vlunet://`` prefix (data shipped inside the package, e.g. the demo)."""
+    if path.startswith(PACKAGE_PREFIX):
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path[len(PACKAGE_PREFIX):])
+    return os.path.expanduser(path)
 
 
 class DatasetError(ValueError):
@@ -95,9 +105,9 @@ class _Source:
                 raise DatasetError(f'{where}.degradation.type ({self.name}): {err.args[0]}') from None
         self.io_opt = dict(opt.get('io_backend') or default_io)
         self.paired = lq_root is not None
-        roots = {'gt': os.path.expanduser(gt_root)}
+        roots = {'gt': resolve_dataroot(gt_root)}
         if self.paired:
-            roots['lq'] = os.path.expanduser(lq_root)
+            roots['lq'] = resolve_dataroot(lq_root)
         for key, root in roots.items():
             if not os.path.exists(root):
                 raise DatasetError(f'{where}.dataroot_{key}: path does not exist: {root}')

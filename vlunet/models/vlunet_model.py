@@ -1,0 +1,277 @@
+"""``VLUNetModel``: one all-in-one restoration model for VLU-Net and its peers.
+
+Builds ``network_g`` from the registry (VLUNet, PromptIR, Restormer, DGUNet, or any BasicSR
+arch). With ``network_clip`` set, the frozen degradation-aware CLIP encoder embeds every ``lq``
+batch once (no_grad) and the embedding is the second argument of ``network_g`` (VLU-Net's
+``degradation``). Networks that return a list of stage images (DGUNet) get the pixel loss on
+every stage, as published, and the first image is the result.
+
+Option keys beyond SRModel's (see options/train/VLUNet_*.yml)::
+
+    network_clip:                 # optional; absent for PromptIR/Restormer/DGUNet
+      type: DegradationCLIP
+      ...                         # its constructor kwargs
+      load_path: experiments/CLIPAdapter_NHR/models/clip_adapters_latest.pth   # adapters (or whole net)
+    train:
+      optim_g: {type: AdamW, lr: !!float 2e-4, weight_decay: !!float 1e-4}
+      scheduler: {type: LinearWarmupCosineLR, warmup_iter: ..., total_iter: ...}
+      pixel_opt: {type: L1Loss, loss_weight: 1.0}
+      clip_opt: {type: DegradationContrastiveLoss}   # optional: train CLIP adapters alongside
+      optim_clip: {type: Adam, lr: !!float 1e-3}
+    val:
+      tile: ~                     # tiled inference for large images (tile side, px)
+      tile_overlap: 16
+      metrics: {psnr: {type: calculate_psnr, crop_border: 0, test_y_channel: false}, ...}
+
+In test mode (``vlunet-test``) every validation also updates ``results/<name>/metrics.json``:
+``{val set: {psnr, ssim, input_psnr, input_ssim, images, seconds}}``.
+"""
+import json
+import os
+import time
+from collections import OrderedDict
+from copy import deepcopy
+
+import torch
+from basicsr.archs import build_network
+from basicsr.losses import build_loss
+from basicsr.metrics import calculate_metric
+from basicsr.models.base_model import BaseModel
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils.registry import MODEL_REGISTRY
+from tqdm import tqdm
+
+from vlunet.utils.tiling import crop_to, pad_to_multiple, tiled_forward
+
+
+def _first(output):
+    """The restored image of a network output (DGUNet-style lists hold the final stage first)."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def write_json_atomic(path, data):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+@MODEL_REGISTRY.register()
+class VLUNetModel(SRModel):
+    """All-in-one restoration model (see the module docstring for its options)."""
+
+    def __init__(self, opt):
+        BaseModel.__init__(self, opt)
+        self.net_g = self.model_to_device(build_network(opt['network_g']))
+        self.print_network(self.net_g)
+        self.net_clip = None
+        self.cri_clip = None
+        if opt.get('network_clip'):
+            self._build_clip(opt['network_clip'])
+        load_path = opt['path'].get('pretrain_network_g')
+        if load_path is not None:
+            self.load_network(self.net_g, load_path, opt['path'].get('strict_load_g', True),
+                              opt['path'].get('param_key_g', 'params'))
+        if self.is_train:
+            self.init_training_settings()
+
+    # ------------------------------------------------------------------ networks
+    def _build_clip(self, clip_opt):
+        clip_opt = deepcopy(clip_opt)
+        load_path = clip_opt.pop('load_path', None)
+        net = build_network(clip_opt).to(self.device)
+        logger = get_root_logger()
+        if load_path is not None:
+            net.load_adapters(load_path)
+            logger.info(f'Loaded CLIP weights from {load_path}')
+        trained_alongside = self.is_train and self.opt['train'].get('clip_opt') is not None
+        resume_path = self.opt['path'].get('pretrain_network_clip')
+        if resume_path is not None:
+            if os.path.isfile(resume_path):
+                net.load_adapters(resume_path)
+                logger.info(f'Loaded CLIP weights from {resume_path}')
+            elif not (self.opt['path'].get('resume_state') and not trained_alongside):
+                raise FileNotFoundError(f'path.pretrain_network_clip: file not found: {resume_path}')
+        if not trained_alongside:
+            net.eval()
+            for p in net.parameters():
+                p.requires_grad_(False)
+        self.net_clip = net
+
+    def degradation_embedding(self, lq):
+        """CLIP embedding of ``lq`` for ``network_g`` (None without ``network_clip``)."""
+        if self.net_clip is None:
+            return None
+        with torch.no_grad():
+            return self.net_clip(lq)
+
+    def run_network(self, net, lq, embedding=None):
+        return net(lq) if self.net_clip is None else net(lq, embedding)
+
+    # ------------------------------------------------------------------ training
+    def init_training_settings(self):
+        super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
+        logger = get_root_logger()
+        logger.info(f'Degradation embedding: {"CLIP " + type(self.net_clip).__name__ if self.net_clip else "none"}'
+                    f'{" (trained alongside)" if self.cri_clip is not None else ""}')
+
+    def setup_optimizers(self):
+        super().setup_optimizers()
+        train_opt = self.opt['train']
+        if train_opt.get('clip_opt') is not None:
+            if self.net_clip is None:
+                raise ValueError('train.clip_opt is set but there is no network_clip to train')
+            self.cri_clip = build_loss(train_opt['clip_opt']).to(self.device)
+            optim_opt = dict(train_opt.get('optim_clip') or {'type': 'Adam', 'lr': 1e-4})
+            optim_type = optim_opt.pop('type')
+            params = [p for p in self.net_clip.parameters() if p.requires_grad]
+            params += [p for p in self.cri_clip.parameters() if p.requires_grad]
+            self.optimizer_clip = self.get_optimizer(optim_type, params, **optim_opt)
+            self.optimizers.append(self.optimizer_clip)
+            self.net_clip.train()
+
+    def feed_data(self, data):
+        self.lq = data['lq'].to(self.device)
+        if 'gt' in data:
+            self.gt = data['gt'].to(self.device)
+        self.label = data['label'].to(self.device) if 'label' in data else None
+
+    def _train_clip_step(self):
+        """One contrastive step of the CLIP adapters; returns the (detached) embedding."""
+        self.optimizer_clip.zero_grad()
+        image_features = self.net_clip(self.lq)
+        loss = self.cri_clip(image_features, self.net_clip.text_features(), self.label)
+        loss.backward()
+        if self.opt['dist']:
+            world = torch.distributed.get_world_size()
+            for p in self.net_clip.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        self.optimizer_clip.step()
+        return image_features.detach(), loss
+
+    def optimize_parameters(self, current_iter):
+        loss_dict = OrderedDict()
+        if self.cri_clip is not None:
+            embedding, loss_dict['l_clip'] = self._train_clip_step()
+        else:
+            embedding = self.degradation_embedding(self.lq)
+
+        self.optimizer_g.zero_grad()
+        output = self.run_network(self.net_g, self.lq, embedding)
+        stages = list(output) if isinstance(output, (list, tuple)) else [output]
+        self.output = stages[0]
+        l_total = 0
+        if self.cri_pix:
+            l_pix = sum(self.cri_pix(stage, self.gt) for stage in stages)
+            l_total += l_pix
+            loss_dict['l_pix'] = l_pix
+        if self.cri_perceptual:
+            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
+            for name, value in (('l_percep', l_percep), ('l_style', l_style)):
+                if value is not None:
+                    l_total += value
+                    loss_dict[name] = value
+        l_total.backward()
+        self.optimizer_g.step()
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    # ------------------------------------------------------------------ inference
+    def restore(self, lq, net=None, tile=None, tile_overlap=16):
+        """Restore a (B,3,H,W) batch in [0,1]: pad to a multiple of 8 (or tile), run, crop back."""
+        net = net or (self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
+        embedding = self.degradation_embedding(lq)
+
+        def fn(x):
+            return _first(self.run_network(net, x, embedding))
+
+        if tile:
+            return tiled_forward(fn, lq, tile, tile_overlap)
+        padded, size = pad_to_multiple(lq, 8)
+        return crop_to(fn(padded), size)
+
+    def test(self):
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        was_training = net.training
+        net.eval()
+        val_opt = self.opt.get('val') or {}
+        with torch.no_grad():
+            self.output = self.restore(self.lq, net, val_opt.get('tile'), val_opt.get('tile_overlap', 16))
+        if was_training:
+            net.train()
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        dataset_name = dataloader.dataset.opt['name']
+        metrics_opt = self.opt['val'].get('metrics') or {}
+        if metrics_opt:
+            self._initialize_best_metric_results(dataset_name)
+        sums = {name: 0.0 for name in metrics_opt}
+        sums.update({f'input_{name}': 0.0 for name in metrics_opt})
+        seconds, count = 0.0, 0
+        pbar = tqdm(total=len(dataloader), unit='image', desc=f'Val {dataset_name}') if self.opt['val'].get(
+            'pbar', True) else None
+        for val_data in dataloader:
+            self.feed_data(val_data)
+            start = time.perf_counter()
+            self.test()
+            seconds += time.perf_counter() - start
+            for i in range(self.lq.shape[0]):
+                name = os.path.splitext(os.path.basename(val_data['lq_path'][i]))[0]
+                restored = tensor2img([self.output[i].detach().cpu()])
+                degraded = tensor2img([self.lq[i].detach().cpu()])
+                if hasattr(self, 'gt'):
+                    gt = tensor2img([self.gt[i].detach().cpu()])
+                    for metric, opt_ in metrics_opt.items():
+                        sums[metric] += calculate_metric({'img': restored, 'img2': gt}, opt_)
+                        sums[f'input_{metric}'] += calculate_metric({'img': degraded, 'img2': gt}, opt_)
+                if save_img:
+                    self._save_image(restored, dataset_name, name, current_iter)
+                count += 1
+            if pbar:
+                pbar.update(1)
+        if pbar:
+            pbar.close()
+        for attr in ('lq', 'gt', 'output'):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        averages = {k: v / max(count, 1) for k, v in sums.items()}
+        self.metric_results = {k: averages[k] for k in metrics_opt}
+        for metric, value in self.metric_results.items():
+            self._update_best_metric_result(dataset_name, metric, value, current_iter)
+        if metrics_opt:
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+            get_root_logger().info('\t degraded input: ' + ', '.join(
+                f'{k}: {averages["input_" + k]:.4f}' for k in metrics_opt))
+        if not self.opt['is_train']:
+            self._update_metrics_json(dataset_name, averages, count, seconds)
+        return averages
+
+    def _save_image(self, img, dataset_name, name, current_iter):
+        vis = self.opt['path']['visualization']
+        if self.opt['is_train']:
+            path = os.path.join(vis, dataset_name, f'{name}_{current_iter}.png')
+        else:
+            suffix = self.opt['val'].get('suffix') or self.opt['name']
+            path = os.path.join(vis, dataset_name, f'{name}_{suffix}.png')
+        imwrite(img, path)
+
+    def _update_metrics_json(self, dataset_name, averages, count, seconds):
+        path = os.path.join(self.opt['path']['results_root'], 'metrics.json')
+        data = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                data = json.load(f)
+        entry = {k: round(v, 6) for k, v in averages.items()}
+        entry.update(images=count, seconds=round(seconds, 3))
+        data[dataset_name] = entry
+        write_json_atomic(path, data)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, epoch, current_iter):
+        super().save(epoch, current_iter)
+        if self.cri_clip is not None:
+            self.save_network(self.net_clip, 'net_clip', current_iter)

@@ -1,0 +1,80 @@
+"""Padding to a multiple of N and tiled inference with overlap blending (leaf module: torch only)."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_to_multiple(x, multiple=8, mode='reflect'):
+    """Pad the last two dims of ``x`` at the bottom/right up to a multiple of ``multiple``.
+
+    Returns ``(padded, (h, w))`` with the original size, for :func:`crop_to`. Reflect padding
+    needs the pad to be smaller than the side; tiny inputs fall back to replicate padding.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    if mode == 'reflect' and (ph >= h or pw >= w):
+        mode = 'replicate'
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def crop_to(x, size):
+    """Inverse of :func:`pad_to_multiple` (works on tensors and on lists of tensors)."""
+    h, w = size
+    if isinstance(x, (list, tuple)):
+        return type(x)(crop_to(v, size) for v in x)
+    return x[..., :h, :w]
+
+
+def _starts(length, tile, stride):
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def _blend_window(th, tw, overlap, device, dtype):
+    """Weights that ramp linearly from ~0 to 1 over ``overlap`` pixels at each tile edge."""
+
+    def ramp(n):
+        w = torch.ones(n, device=device, dtype=dtype)
+        if overlap > 0 and n > 2 * overlap:
+            r = (torch.arange(overlap, device=device, dtype=dtype) + 0.5) / overlap
+            w[:overlap] = r
+            w[-overlap:] = r.flip(0)
+        return w
+
+    return ramp(th)[:, None] * ramp(tw)[None, :]
+
+
+def tiled_forward(fn, x, tile, overlap=16, multiple=8):
+    """Run ``fn`` (image batch -> same-size image batch) over overlapping tiles and blend them.
+
+    ``tile`` is the tile side in pixels (rounded up to ``multiple``), ``overlap`` how much
+    neighbouring tiles share; inside the overlap the outputs are averaged with linear ramps, so
+    there are no seams. Memory is that of one tile. Images no larger than a tile run in one go.
+    """
+    b, _, h, w = x.shape
+    tile = int(math.ceil(tile / multiple) * multiple)
+    if overlap >= tile:
+        raise ValueError(f'tile overlap ({overlap}) must be smaller than the tile size ({tile})')
+    if h <= tile and w <= tile:
+        padded, size = pad_to_multiple(x, multiple)
+        return crop_to(fn(padded), size)
+    stride = tile - overlap
+    out = weight = None
+    for top in _starts(h, tile, stride):
+        for left in _starts(w, tile, stride):
+            patch = x[..., top:top + tile, left:left + tile]
+            padded, size = pad_to_multiple(patch, multiple)
+            y = crop_to(fn(padded), size)
+            win = _blend_window(y.shape[-2], y.shape[-1], overlap, y.device, y.dtype)
+            if out is None:
+                out = y.new_zeros((b, y.shape[1], h, w))
+                weight = y.new_zeros((1, 1, h, w))
+            out[..., top:top + y.shape[-2], left:left + y.shape[-1]] += y * win
+            weight[..., top:top + y.shape[-2], left:left + y.shape[-1]] += win
+    return out / weight
