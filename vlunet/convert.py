@@ -1,0 +1,206 @@
+"""vlunet-convert: published checkpoints -> BasicSR ``{'params': state_dict}`` files.
+
+    vlunet-convert SRC DST [--arch NAME] [--arch-opt KEY=VALUE ...] [--clip-out PATH] [--trust-pickle]
+    python -m vlunet.convert ...
+
+SRC may be any format read by :func:`vlunet.utils.checkpoint.load_published_state_dict`
+(VLU-Net / PromptIR Lightning .ckpt, Restormer .pth, DGUNet .pth, BasicSR files, a bare
+state_dict). The architecture and its constructor arguments are inferred from the keys and
+shapes unless given; the network is built from BasicSR's ARCH_REGISTRY and the weights must
+load into it with ``strict=True``, otherwise nothing is written and the missing / unexpected
+keys and shape mismatches are reported. Outputs are written atomically (temporary file, then
+rename), so a failed run never leaves a partial file.
+"""
+import argparse
+import os
+import sys
+import tempfile
+from collections import OrderedDict
+
+import torch
+import yaml
+
+import vlunet  # noqa: F401  (BasicSR fixes, registers our archs; must precede basicsr)  # isort: skip
+from basicsr.utils.registry import ARCH_REGISTRY  # isort: skip
+from vlunet.utils.checkpoint import CheckpointError, check_clip_adapters, guess_arch, load_published_state_dict
+
+PROG = 'vlunet-convert'
+
+
+class ConversionError(Exception):
+    """The conversion is refused; the message says why."""
+
+
+def parse_arch_opts(items):
+    """``['dim=16', 'num_blocks=[1,1,1,1]', 'bias=false']`` -> kwargs (values read as YAML)."""
+    opts = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key.strip().isidentifier():
+            raise ConversionError(f'--arch-opt {item!r}: expected KEY=VALUE with KEY a Python identifier')
+        try:
+            opts[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConversionError(f'--arch-opt {item!r}: cannot read the value ({err})') from None
+    return opts
+
+
+def _short_list(keys, limit=10):
+    keys = list(keys)
+    return ', '.join(keys[:limit]) + (f' ... ({len(keys)} in all)' if len(keys) > limit else '')
+
+
+def build_and_verify(params, arch, kwargs):
+    """Build ``arch(**kwargs)`` and load ``params`` strictly; return the model's key order."""
+    try:
+        cls = ARCH_REGISTRY.get(arch)
+    except KeyError:
+        ours = sorted(name for name, _ in ARCH_REGISTRY)
+        raise ConversionError(f'--arch {arch!r}: not a registered architecture (known: {", ".join(ours)})') from None
+    try:
+        model = cls(**kwargs)
+    except Exception as err:  # noqa: BLE001  (bad --arch-opt values surface as any exception type)
+        raise ConversionError(f'cannot build {arch}({_fmt_kwargs(kwargs)}): {type(err).__name__}: {err}') from None
+    layout = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    missing = [k for k in layout if k not in params]
+    unexpected = [k for k in params if k not in layout]
+    mismatched = [f'{k}: checkpoint {list(params[k].shape)}, {arch} {list(layout[k])}'
+                  for k in layout if k in params and tuple(params[k].shape) != layout[k]]
+    if missing or unexpected or mismatched:
+        lines = [f'the weights do not fit {arch}({_fmt_kwargs(kwargs)}):']
+        if missing:
+            lines.append(f'  missing keys: {_short_list(missing)}')
+        if unexpected:
+            lines.append(f'  unexpected keys: {_short_list(unexpected)}')
+        if mismatched:
+            lines.append(f'  shape mismatches: {_short_list(mismatched, 5)}')
+        lines.append('  (choose the architecture with --arch and its options with --arch-opt KEY=VALUE)')
+        raise ConversionError('\n'.join(lines))
+    try:
+        model.load_state_dict(params, strict=True)
+    except RuntimeError as err:
+        raise ConversionError(f'strict load into {arch} failed: {err}') from None
+    return list(layout)
+
+
+def _fmt_kwargs(kwargs):
+    return ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_save(obj, dst):
+    """torch.save ``obj`` to a new temporary file beside ``dst``; return its path."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):
+        raise ConversionError(f'{dst}: the folder {folder} does not exist')
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(dst)}.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_atomically(outputs):
+    """Write every ``(obj, path)``: all to temporary files first, then rename each into place."""
+    temps = []
+    try:
+        for obj, path in outputs:
+            temps.append((_temp_save(obj, path), path))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def convert(src, dst, arch=None, arch_opts=None, clip_out=None, trust_pickle=False, log=print):
+    """Convert ``src`` to a BasicSR ``{'params': ...}`` file ``dst``; see the module docstring.
+
+    Returns ``(arch, kwargs)``. Raises :class:`ConversionError` / :class:`CheckpointError`
+    (nothing written) when the conversion is refused.
+    """
+    ckpt = load_published_state_dict(src, trust_pickle=trust_pickle)
+    if not ckpt.params:
+        raise ConversionError(f'{src}: holds no network weights (format {ckpt.source_format!r}, '
+                              f'{len(ckpt.clip_adapters or {})} CLIP adapter tensors); nothing to convert')
+    if clip_out and not ckpt.clip_adapters:
+        raise ConversionError(f'--clip-out {clip_out}: {src} holds no CLIP adapter entries '
+                              f'(ad_imageEncoder.adapter.*, ad_textEncoder.adapter.*)')
+
+    guess = guess_arch(ckpt.params)
+    if arch is None and guess is None:
+        raise ConversionError(f'{src}: cannot tell the architecture from its keys '
+                              f'(first keys: {_short_list(ckpt.params, 5)}); pass --arch NAME')
+    name = arch or guess[0]
+    kwargs = dict(guess[1]) if guess and guess[0] == name else {}
+    kwargs.update(arch_opts or {})
+    order = build_and_verify(ckpt.params, name, kwargs)
+
+    params = OrderedDict((k, ckpt.params[k].detach().contiguous()) for k in order)
+    outputs = [({'params': params}, dst)]
+    if clip_out:
+        outputs.append(({'learnable_params': dict(ckpt.clip_adapters)}, clip_out))
+    write_atomically(outputs)
+
+    log(f'{src} ({ckpt.source_format}) -> {dst}: {name}({_fmt_kwargs(kwargs)}), {len(params)} tensors, '
+        'strict load verified')
+    if ckpt.clip_adapters:
+        missing, extra = check_clip_adapters(ckpt.clip_adapters)
+        note = ''
+        if missing or extra:
+            note = f' (differs from the published 24: missing {_short_list(missing, 3) or "none"}, ' \
+                   f'extra {_short_list(extra, 3) or "none"})'
+        where = f'written to {clip_out}' if clip_out else 'NOT written (pass --clip-out PATH to keep them)'
+        log(f'{len(ckpt.clip_adapters)} CLIP adapter tensors{note}: {where}')
+    if ckpt.ignored:
+        prefixes = sorted({'.'.join(k.split('.')[:2]) for k in ckpt.ignored})
+        log(f'{len(ckpt.ignored)} other entries not converted (e.g. the frozen CLIP backbone): '
+            f'{_short_list(prefixes, 5)}')
+    return name, kwargs
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG, description='Convert a published VLU-Net / PromptIR / Restormer / DGUNet checkpoint into a '
+        "BasicSR {'params': state_dict} file, verified by a strict load into the architecture.")
+    parser.add_argument('src', metavar='SRC', help='published checkpoint (.ckpt / .pth)')
+    parser.add_argument('dst', metavar='DST', help="output file, {'params': state_dict}")
+    parser.add_argument('--arch', metavar='NAME', help='ARCH_REGISTRY name (default: inferred from the keys)')
+    parser.add_argument('--arch-opt', metavar='KEY=VALUE', action='append', default=[],
+                        help='constructor argument, value read as YAML (repeatable; overrides the inferred ones), '
+                        'e.g. --arch-opt depth=5 --arch-opt "num_blocks=[4,6,6,8]"')
+    parser.add_argument('--clip-out', metavar='PATH',
+                        help="write the CLIP adapter weights of a VLU-Net checkpoint here, as {'learnable_params': ...}")
+    parser.add_argument('--trust-pickle', action='store_true',
+                        help='allow full unpickling of SRC when it holds more than tensors (this runs code stored '
+                        'in the file: only for files from a source you trust)')
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        convert(args.src, args.dst, arch=args.arch, arch_opts=parse_arch_opts(args.arch_opt),
+                clip_out=args.clip_out, trust_pickle=args.trust_pickle)
+    except (ConversionError, CheckpointError) as err:
+        print(f'{PROG}: error: {err}', file=sys.stderr)
+        print(f'{PROG}: nothing written', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
