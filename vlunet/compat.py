@@ -143,7 +143,6 @@ def fix_ddp_device_ids():
     basicsr wraps every network with ``device_ids=[torch.cuda.current_device()]``. On CPU the
     wrapper must get no device ids.
     """
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
     from basicsr.models.base_model import BaseModel
 
     def model_to_device(self, net):
@@ -151,9 +150,10 @@ def fix_ddp_device_ids():
         if self.opt['dist']:
             find_unused = self.opt.get('find_unused_parameters', False)
             device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
-            net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=device_ids, find_unused_parameters=find_unused)
         elif self.opt['num_gpu'] > 1:
-            net = DataParallel(net)
+            net = torch.nn.parallel.DataParallel(net)
         return net
 
     BaseModel.model_to_device = model_to_device
