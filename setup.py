@@ -17,7 +17,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['vlunet', 'vlunet.*']),
     include_package_data=True,
-    package_data={'vlunet': ['demo_data/**/*', 'clip_configs/*.json', 'options/**/*.yml']},
+    package_data={'vlunet': ['demo_data/*/*.png', 'archs/clip_configs/*.json']},
     install_requires=[
         'torch>=2.1',
         'torchvision>=0.16',
@@ -35,6 +35,7 @@ setup(
         'console_scripts': [
             'vlunet-train=vlunet.train:main',
             'vlunet-test=vlunet.test:main',
+            'vlunet-convert=vlunet.convert:main',
         ],
     },
     classifiers=[
