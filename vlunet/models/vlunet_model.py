@@ -42,6 +42,7 @@ from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
+from vlunet.utils.checkpoint import load_published_state_dict
 from vlunet.utils.tiling import crop_to, pad_to_multiple, tiled_forward
 
 
@@ -108,6 +109,34 @@ class VLUNetModel(SRModel):
 
     def run_network(self, net, lq, embedding=None):
         return net(lq) if self.net_clip is None else net(lq, embedding)
+
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        """Load ``path.pretrain_network_g``: BasicSR files and the published formats alike.
+
+        Accepts everything :func:`vlunet.utils.checkpoint.load_published_state_dict` reads
+        (VLU-Net/PromptIR Lightning ``.ckpt``, Restormer ``.pth``, DGUNet ``.pth``, BasicSR
+        ``{'params'}``); weights-only unless ``path.trust_pickle: true``. CLIP adapters stored in
+        a VLU-Net checkpoint go to ``network_clip`` when its ``load_path`` is not set.
+        """
+        logger = get_root_logger()
+        ckpt = load_published_state_dict(load_path, trust_pickle=bool(self.opt['path'].get('trust_pickle', False)),
+                                         param_key=param_key)
+        if not ckpt.params:
+            raise ValueError(f'{load_path}: holds no network weights (format {ckpt.source_format})')
+        net = self.get_bare_model(net)
+        logger.info(f'Loading {type(net).__name__} from {load_path} ({ckpt.source_format}).')
+        self._print_different_keys_loading(net, ckpt.params, strict)
+        net.load_state_dict(ckpt.params, strict=strict)
+        if ckpt.clip_adapters and self.net_clip is not None and not self.opt['network_clip'].get('load_path'):
+            self._load_published_adapters(ckpt.clip_adapters, load_path)
+
+    def _load_published_adapters(self, adapters, source):
+        prefixes = {'ad_imageEncoder.adapter.': 'image_adapter', 'ad_textEncoder.adapter.': 'text_adapter'}
+        for prefix, attr in prefixes.items():
+            part = {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}
+            getattr(self.net_clip, attr).load_state_dict(part, strict=True)
+        self.net_clip._clear_text_cache()
+        get_root_logger().info(f'Loaded the CLIP adapters stored in {source}.')
 
     # ------------------------------------------------------------------ training
     def init_training_settings(self):
