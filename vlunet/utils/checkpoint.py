@@ -27,6 +27,7 @@ objects) is refused unless the caller passes ``trust_pickle=True``.
 """
 import os
 import pickle
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -66,14 +67,16 @@ class PublishedCheckpoint:
     ignored: List[str] = field(default_factory=list)
 
 
-def _unsafe_globals(path: str) -> List[str]:
-    finder = getattr(torch.serialization, 'get_unsafe_globals_in_checkpoint', None)
-    if finder is None:
-        return []
-    try:
-        return list(finder(path))
-    except Exception:  # noqa: BLE001  (only used to improve a message)
-        return []
+def _unsafe_globals(path: str, message: str) -> List[str]:
+    """Python globals (classes, functions) that ``path`` needs beyond what weights-only loading allows."""
+    found = re.findall(r'Unsupported global: GLOBAL ([\w.]+)', message)
+    finder = getattr(torch.serialization, 'get_unsafe_globals_in_checkpoint', None)  # torch >= 2.5
+    if finder is not None:
+        try:
+            found += [g for g in finder(path) if g not in found]
+        except Exception:  # noqa: BLE001  (not a zip checkpoint: rely on the message)
+            pass
+    return found
 
 
 def _torch_load(path: str, trust_pickle: bool):
@@ -82,17 +85,24 @@ def _torch_load(path: str, trust_pickle: bool):
     try:
         return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
-        if not trust_pickle and 'weights only load failed' in str(err).lower():
-            needed = _unsafe_globals(path)
-            needs = f" (it references {', '.join(needed)})" if needed else ''
+        needed = [] if trust_pickle else _unsafe_globals(path, str(err))
+        if needed:
             raise CheckpointError(
-                f'{path}: this file holds Python objects besides tensors and plain containers{needs}, so it '
-                'can only be opened by full unpickling, which executes code stored in the file. If you trust '
-                'where it came from, pass trust_pickle=True (command line: --trust-pickle).') from None
-        raise CheckpointError(f'{path}: not a PyTorch checkpoint ({err}); expected {EXPECTED}') from None
+                f'{path}: this file holds Python objects besides tensors and plain containers (it references '
+                f'{", ".join(needed)}), so it can only be opened by full unpickling, which executes code stored '
+                'in the file. If you trust where it came from, pass trust_pickle=True (command line: '
+                '--trust-pickle).') from None
+        raise CheckpointError(f'{path}: not a PyTorch checkpoint ({_first_line(err)}); expected {EXPECTED}') from None
     except Exception as err:  # noqa: BLE001  (zip/EOF/runtime errors of a damaged or foreign file)
-        raise CheckpointError(f'{path}: not a PyTorch checkpoint ({type(err).__name__}: {err}); '
+        raise CheckpointError(f'{path}: not a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)}); '
                               f'expected {EXPECTED}') from None
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # torch's weights-only errors put the useful part ("Unsupported operand 0") near the end.
+    detail = next((line for line in lines if line.startswith('Unsupported')), lines[0] if lines else '')
+    return detail[:200]
 
 
 def _check_tensors(path: str, where: str, mapping) -> None:
