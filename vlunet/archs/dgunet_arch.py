@@ -4,7 +4,7 @@ Deraining/DGUNet_plus.py (the Deblurring/Denoising files differ only by their de
 DGUNet n_feat=80, scale_unetfeats=48, scale_orsnetfeats=32; DGUNet+ deblurring 96/48/32,
 denoising 80/40/32).
 
-Both unfold seven stages of proximal gradient descent. Stage k:
+Both unfold proximal gradient descent into stages (DGUNet+: 7; DGUNet: depth + 2). Stage k:
 
     x_k = z_{k-1} - r_k * phi_k^T(phi_k(z_{k-1}) - y)         gradient step (z_0 = y)
     z_k = U-Net_k(shallow_k(x_k), features of stage k-1)       proximal step, z_k = SAM image
