@@ -36,6 +36,7 @@ setup(
             'vlunet-train=vlunet.train:main',
             'vlunet-test=vlunet.test:main',
             'vlunet-convert=vlunet.convert:main',
+            'vlunet-compare=vlunet.compare:main',
         ],
     },
     classifiers=[

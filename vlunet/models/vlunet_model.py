@@ -76,6 +76,18 @@ class VLUNetModel(SRModel):
                               opt['path'].get('param_key_g', 'params'))
         if self.is_train:
             self.init_training_settings()
+        elif self.opt['path'].get('results_root'):
+            self._write_model_json()
+
+    def _write_model_json(self):
+        """``results/<name>/model.json``: what vlunet-compare needs to describe this method."""
+        net = self.get_bare_model(self.net_g)
+        info = {'name': self.opt['name'], 'network_g': dict(self.opt['network_g']),
+                'params': sum(p.numel() for p in net.parameters()),
+                'network_clip': self.opt['network_clip'].get('type') if self.opt.get('network_clip') else None,
+                'pretrain_network_g': self.opt['path'].get('pretrain_network_g')}
+        os.makedirs(self.opt['path']['results_root'], exist_ok=True)
+        write_json_atomic(os.path.join(self.opt['path']['results_root'], 'model.json'), info)
 
     # ------------------------------------------------------------------ networks
     def _build_clip(self, clip_opt):
@@ -259,6 +271,9 @@ class VLUNetModel(SRModel):
                         sums[f'input_{metric}'] += calculate_metric({'img': degraded, 'img2': gt}, opt_)
                 if save_img:
                     self._save_image(restored, dataset_name, name, current_iter)
+                    if not self.opt['is_train'] and hasattr(self, 'gt'):  # for side-by-side grids
+                        self._save_image(degraded, dataset_name, name, current_iter, suffix='lq')
+                        self._save_image(gt, dataset_name, name, current_iter, suffix='gt')
                 count += 1
             if pbar:
                 pbar.update(1)
@@ -279,12 +294,12 @@ class VLUNetModel(SRModel):
             self._update_metrics_json(dataset_name, averages, count, seconds)
         return averages
 
-    def _save_image(self, img, dataset_name, name, current_iter):
+    def _save_image(self, img, dataset_name, name, current_iter, suffix=None):
         vis = self.opt['path']['visualization']
         if self.opt['is_train']:
             path = os.path.join(vis, dataset_name, f'{name}_{current_iter}.png')
         else:
-            suffix = self.opt['val'].get('suffix') or self.opt['name']
+            suffix = suffix or self.opt['val'].get('suffix') or self.opt['name']
             path = os.path.join(vis, dataset_name, f'{name}_{suffix}.png')
         imwrite(img, path)
 

@@ -1,0 +1,192 @@
+"""``vlunet-compare RESULT_DIR... [--out DIR] [--images NAME...]``: the paper-style comparison table.
+
+Each RESULT_DIR is a ``results/<name>/`` folder written by ``vlunet-test`` (``metrics.json`` and
+``model.json``). Prints one Markdown table (method, parameters, GMACs at 256x256, PSNR/SSIM per
+validation set, average over sets; first row = the degraded inputs), writes it to
+``OUT/comparison.md`` and ``OUT/comparison.csv``, and with ``--images`` draws one PNG grid per image
+name: input | each method | ground truth, one row per validation set holding that image.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+
+GMAC_SIZE = 256
+
+
+def _load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_result(result_dir):
+    """``{'name', 'metrics': {set: {...}}, 'model': {...}}`` of one results folder."""
+    metrics_path = os.path.join(result_dir, 'metrics.json')
+    if not os.path.isfile(metrics_path):
+        raise FileNotFoundError(f'{result_dir}: no metrics.json (expected a results/<name>/ folder of vlunet-test)')
+    model_path = os.path.join(result_dir, 'model.json')
+    model = _load_json(model_path) if os.path.isfile(model_path) else {}
+    return {'name': os.path.basename(os.path.normpath(result_dir)), 'dir': result_dir,
+            'metrics': _load_json(metrics_path), 'model': model}
+
+
+def count_gmacs(network_opt, size=GMAC_SIZE):
+    """Multiply-accumulates (G) of one forward at 1x3xsize x size, counted on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import vlunet  # noqa: F401
+    from basicsr.archs import build_network
+    with torch.device('meta'):
+        net = build_network(dict(network_opt)).eval()
+        x = torch.empty(1, 3, size, size)
+        args = (x, torch.empty(1, 512)) if network_opt.get('type') == 'VLUNet' else (x, )
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            net(*args)
+    return counter.get_total_flops() / 2e9
+
+
+def _fmt(value, digits):
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def build_table(results, with_gmacs=True):
+    """Rows (list of dicts) and the ordered list of validation-set names."""
+    sets = []
+    for r in results:
+        for name in r['metrics']:
+            if name not in sets:
+                sets.append(name)
+    rows = []
+    first = results[0]['metrics']
+    rows.append({'method': 'Input (degraded)', 'params_M': None, 'gmacs': None,
+                 **{s: (first.get(s, {}).get('input_psnr'), first.get(s, {}).get('input_ssim')) for s in sets}})
+    for r in results:
+        model = r['model']
+        gmacs = model.get('gmacs_256')
+        if gmacs is None and with_gmacs and model.get('network_g'):
+            try:
+                gmacs = count_gmacs(model['network_g'])
+            except Exception as err:  # an arch that cannot run on the meta device: leave the cell empty
+                print(f'warning: GMACs of {r["name"]} not counted ({err})', file=sys.stderr)
+        params = model.get('params')
+        label = r['name'] + (f' ({model["network_g"]["type"]})' if model.get('network_g') else '')
+        rows.append({'method': label, 'params_M': None if params is None else params / 1e6, 'gmacs': gmacs,
+                     **{s: (r['metrics'].get(s, {}).get('psnr'), r['metrics'].get(s, {}).get('ssim')) for s in sets}})
+    for row in rows:
+        pairs = [row[s] for s in sets if row[s][0] is not None]
+        row['average'] = (float(np.mean([p for p, _ in pairs])), float(np.mean([q for _, q in pairs
+                                                                                  if q is not None]))) \
+            if pairs else (None, None)
+    return rows, sets
+
+
+def to_markdown(rows, sets):
+    head = ['Method', 'Params (M)', f'GMACs@{GMAC_SIZE}'] + [f'{s} PSNR/SSIM' for s in sets] + ['Average']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for row in rows:
+        cells = [row['method'], _fmt(row['params_M'], 2), _fmt(row['gmacs'], 2)]
+        cells += [f'{_fmt(row[s][0], 2)} / {_fmt(row[s][1], 4)}' for s in sets + ['average']]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def write_csv(path, rows, sets):
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        header = ['method', 'params_M', 'gmacs_256']
+        for s in sets + ['average']:
+            header += [f'{s}_psnr', f'{s}_ssim']
+        writer.writerow(header)
+        for row in rows:
+            values = [row['method'], row['params_M'], row['gmacs']]
+            for s in sets + ['average']:
+                values += list(row[s])
+            writer.writerow(['' if v is None else v for v in values])
+
+
+def _find_image(folder, stem, suffixes):
+    for suffix in suffixes:
+        path = os.path.join(folder, f'{stem}_{suffix}.png')
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def image_grid(results, image_name, out_path, tile=192):
+    """PNG grid for one image name: rows = validation sets, columns = input | methods | ground truth."""
+    import cv2
+    grid_rows = []
+    for set_name in results[0]['metrics']:
+        cells = []
+        vis = [os.path.join(r['dir'], 'visualization', set_name) for r in results]
+        lq = next((p for p in (_find_image(v, image_name, ['lq']) for v in vis) if p), None)
+        gt = next((p for p in (_find_image(v, image_name, ['gt']) for v in vis) if p), None)
+        outs = [_find_image(v, image_name, [r['name'], 'restored']) for v, r in zip(vis, results)]
+        if lq is None or gt is None or not any(outs):
+            continue
+        labels = ['input'] + [r['name'] for r in results] + ['ground truth']
+        for path, label in zip([lq] + outs + [gt], labels):
+            img = cv2.imread(path, cv2.IMREAD_COLOR) if path else None
+            if img is None:
+                img = np.zeros((tile, tile, 3), np.uint8)
+            h, w = img.shape[:2]
+            scale = tile / max(h, w)
+            img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+            canvas = np.full((tile + 22, tile, 3), 255, np.uint8)
+            canvas[22:22 + img.shape[0], :img.shape[1]] = img
+            cv2.putText(canvas, f'{label}'[:28], (2, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+            cells.append(canvas)
+        row = np.hstack(cells)
+        banner = np.full((20, row.shape[1], 3), 235, np.uint8)
+        cv2.putText(banner, set_name, (2, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        grid_rows.append(np.vstack([banner, row]))
+    if not grid_rows:
+        raise FileNotFoundError(f'no saved images named {image_name!r} (with _lq/_gt) in the results '
+                                '(run vlunet-test with val.save_img: true)')
+    width = max(r.shape[1] for r in grid_rows)
+    grid = np.vstack([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in grid_rows])
+    cv2.imwrite(out_path, grid)
+    return out_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='vlunet-compare', description=__doc__.split('\n\n')[0])
+    parser.add_argument('results', nargs='+', help='results/<name>/ folders written by vlunet-test')
+    parser.add_argument('--out', default='comparison', help='folder for comparison.md/.csv and grids')
+    parser.add_argument('--images', nargs='*', default=[], help='image names (file stems) to show side by side')
+    parser.add_argument('--no-gmacs', action='store_true', help='do not count GMACs (faster)')
+    args = parser.parse_args(argv)
+
+    results, skipped = [], []
+    for d in args.results:
+        if os.path.isfile(os.path.join(d, 'metrics.json')):
+            results.append(load_result(d))
+        else:
+            skipped.append(d)
+    for d in skipped:
+        print(f'warning: skipping {d}: no metrics.json', file=sys.stderr)
+    if not results:
+        print('error: none of the given folders holds a metrics.json written by vlunet-test', file=sys.stderr)
+        return 2
+    rows, sets = build_table(results, with_gmacs=not args.no_gmacs)
+    table = to_markdown(rows, sets)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'comparison.md'), 'w') as f:
+        f.write(table + '\n\nPSNR in dB / SSIM as configured in each test option file (val.metrics); GMACs of '
+                'the restoration network alone for one 1x3x256x256 forward (the CLIP encoder is not counted).\n')
+    write_csv(os.path.join(args.out, 'comparison.csv'), rows, sets)
+    print(f'\nwrote {os.path.join(args.out, "comparison.md")} and comparison.csv')
+    for name in args.images:
+        path = image_grid(results, name, os.path.join(args.out, f'grid_{name}.png'))
+        print(f'wrote {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
