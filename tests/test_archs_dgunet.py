@@ -111,7 +111,8 @@ def test_full_size_keys_shapes_and_param_count(arch, kwargs, listing, n_params):
 @pytest.mark.parametrize('arch', ['DGUNet', 'DGUNetPlus'])
 def test_prelu_shared_within_instance_only(arch):
     a, b = build(arch, **TINY), build(arch, **TINY)
-    params_a, params_b = dict(a.named_parameters(remove_duplicate=False)), dict(b.named_parameters(remove_duplicate=False))
+    params_a = dict(a.named_parameters(remove_duplicate=False))
+    params_b = dict(b.named_parameters(remove_duplicate=False))
     shared_a = {id(p) for p in params_a.values()}
     assert not shared_a & {id(p) for p in params_b.values()}, 'two instances share a parameter'
     for group in ALIASES[arch]:

@@ -135,7 +135,8 @@ def test_convert_reproduces_official_output(tmp_path, name, layout, fmt, forward
             assert torch.equal(adapters['learnable_params'][key], value)
         assert any('24 CLIP adapter tensors' in m and clip_out in m for m in messages)
         assert any('2 other entries not converted' in m for m in messages)
-    assert folder_listing(tmp_path) == sorted(['published.ckpt', 'converted.pth'] + (['clip_adapters.pth'] if clip_out else []))
+    written = ['published.ckpt', 'converted.pth'] + (['clip_adapters.pth'] if clip_out else [])
+    assert folder_listing(tmp_path) == sorted(written)
 
 
 def test_vlunet_adapters_reported_when_not_requested(tmp_path, capsys):
@@ -202,7 +203,8 @@ def test_wrong_options_are_refused_with_shape_mismatches(tmp_path, capsys):
     fx = load_fixture('DGUNet_deraining.pt')
     src = write(restormer_pth(fx['state_dict']), tmp_path / 'dgunet.pth')
     err = refuse(tmp_path, capsys, [src, str(tmp_path / 'out.pth'), '--arch-opt', 'n_feat=16'])
-    assert 'shape mismatches' in err and 'basic.shallow_feat2.0.weight: checkpoint [8, 3, 3, 3], DGUNet [16, 3, 3, 3]' in err
+    assert 'shape mismatches' in err
+    assert 'basic.shallow_feat2.0.weight: checkpoint [8, 3, 3, 3], DGUNet [16, 3, 3, 3]' in err
 
 
 def test_unknown_arch_and_bad_options_are_refused(tmp_path, capsys):

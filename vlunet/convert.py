@@ -183,7 +183,8 @@ def build_parser():
                         help='constructor argument, value read as YAML (repeatable; overrides the inferred ones), '
                         'e.g. --arch-opt depth=5 --arch-opt "num_blocks=[4,6,6,8]"')
     parser.add_argument('--clip-out', metavar='PATH',
-                        help="write the CLIP adapter weights of a VLU-Net checkpoint here, as {'learnable_params': ...}")
+                        help='write the CLIP adapter weights of a VLU-Net checkpoint here, in the published '
+                        "format {'learnable_params': ...}")
     parser.add_argument('--trust-pickle', action='store_true',
                         help='allow full unpickling of SRC when it holds more than tensors (this runs code stored '
                         'in the file: only for files from a source you trust)')

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from vlunet.archs.dgunet_blocks import (SAM, GradientOperator, SubspaceMerge, UNetDecoder, UNetEncoder, check_unet_widths,
-                                        conv, gradient_step, pad_to_multiple, shallow_feature, unfolding_stage)
+from vlunet.archs.dgunet_blocks import (SAM, GradientOperator, SubspaceMerge, UNetDecoder, UNetEncoder,
+                                        check_unet_widths, conv, gradient_step, pad_to_multiple, shallow_feature,
+                                        unfolding_stage)
 
 SIZE_MULTIPLE = 8  # three stride-2 levels in the U-Net
 

@@ -89,7 +89,8 @@ class CAB(nn.Module):
         return self.CA(self.body(x)) + x
 
 
-def shallow_feature(in_c: int, n_feat: int, kernel_size: int, reduction: int, bias: bool, act: nn.Module) -> nn.Sequential:
+def shallow_feature(in_c: int, n_feat: int, kernel_size: int, reduction: int, bias: bool,
+                    act: nn.Module) -> nn.Sequential:
     """Image -> features: a conv followed by one CAB (``shallow_featK`` in the published code)."""
     return nn.Sequential(conv(in_c, n_feat, kernel_size, bias=bias), CAB(n_feat, kernel_size, reduction, bias, act))
 
@@ -234,7 +235,8 @@ class UNetDecoder(nn.Module):
         super().__init__()
         widths = [n_feat + scale_unetfeats * i for i in range(depth)]
         self.body = nn.ModuleList(UNetUpBlock(widths[i], widths[i - 1]) for i in range(depth - 1, 0, -1))
-        self.skip_conv = nn.ModuleList(nn.Conv2d(widths[i], widths[i - 1], 3, padding=1) for i in range(depth - 1, 0, -1))
+        self.skip_conv = nn.ModuleList(
+            nn.Conv2d(widths[i], widths[i - 1], 3, padding=1) for i in range(depth - 1, 0, -1))
 
     def forward(self, x: torch.Tensor, skips: List[torch.Tensor]) -> List[torch.Tensor]:
         outs = []
