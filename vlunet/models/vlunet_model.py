@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from vlunet.utils.checkpoint import load_published_state_dict
 from vlunet.utils.tiling import crop_to, pad_to_multiple, tiled_forward
+from vlunet.utils.widening import count_degradation_types, widen_state_dict
 
 
 def _first(output):
@@ -137,10 +138,30 @@ class VLUNetModel(SRModel):
             raise ValueError(f'{load_path}: holds no network weights (format {ckpt.source_format})')
         net = self.get_bare_model(net)
         logger.info(f'Loading {type(net).__name__} from {load_path} ({ckpt.source_format}).')
-        self._print_different_keys_loading(net, ckpt.params, strict)
-        net.load_state_dict(ckpt.params, strict=strict)
+        params = self._match_degradation_types(net, ckpt.params, load_path)
+        self._print_different_keys_loading(net, params, strict)
+        net.load_state_dict(params, strict=strict)
         if ckpt.clip_adapters and self.net_clip is not None and not self.opt['network_clip'].get('load_path'):
             self._load_published_adapters(ckpt.clip_adapters, load_path)
+
+    def _match_degradation_types(self, net, params, load_path):
+        """Widen a K-type VLU-Net checkpoint to the network's K' types when ``path.widen_degradation_types``."""
+        have, want = count_degradation_types(params), count_degradation_types(net.state_dict())
+        if have is None or want is None or have == want:
+            return params
+        if not self.opt['path'].get('widen_degradation_types', False):
+            raise ValueError(
+                f'{load_path} was trained for {have} degradation types (its D-GDM prompt banks have {have} '
+                f'components) but the options ask for {want} (network_g.de_dim: {want}). To add '
+                f'{want - have} new type(s) to the trained model, set `widen_degradation_types: true` under '
+                '`path:` (existing components are kept, new ones start as their mean; see docs/extending.md); '
+                f'otherwise set network_g.de_dim: {have}.')
+        if want < have:
+            raise ValueError(f'{load_path}: cannot narrow a model from {have} to {want} degradation types')
+        params, grown = widen_state_dict(params, want)
+        get_root_logger().info(f'Widened {load_path} from {have} to {want} degradation types: '
+                               f'{len(grown)} prompt-bank/projection tensors grew, the rest is unchanged.')
+        return params
 
     def _load_published_adapters(self, adapters, source):
         prefixes = {'ad_imageEncoder.adapter.': 'image_adapter', 'ad_textEncoder.adapter.': 'text_adapter'}
