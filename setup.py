@@ -37,6 +37,7 @@ setup(
             'vlunet-test=vlunet.test:main',
             'vlunet-convert=vlunet.convert:main',
             'vlunet-compare=vlunet.compare:main',
+            'vlunet-restore=vlunet.restore:main',
         ],
     },
     classifiers=[
