@@ -1,0 +1,70 @@
+"""vlunet-restore on images nobody tuned for: odd sizes, gray, RGBA, 16-bit, and a text file."""
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, write_yaml
+
+DGUNET = {'type': 'DGUNet', 'n_feat': 8, 'scale_unetfeats': 4, 'scale_orsnetfeats': 4, 'depth': 1}
+
+
+def _inputs(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(folder / 'photo.png'), rng.integers(0, 256, (150, 140, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / 'odd.png'), rng.integers(0, 256, (77, 123, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / 'gray.png'), rng.integers(0, 256, (30, 41), dtype=np.uint8))
+    rgba = rng.integers(0, 256, (33, 20, 4), dtype=np.uint8)
+    cv2.imwrite(str(folder / 'rgba.png'), rgba)
+    cv2.imwrite(str(folder / 'deep.png'), rng.integers(0, 65536, (24, 37, 3), dtype=np.uint16))
+    (folder / 'notes.txt').write_text('not an image')
+    return rgba
+
+
+def _model_files(tmp_path, network_g, network_clip=None):
+    import vlunet  # noqa: F401
+    from basicsr.archs import build_network
+    torch.manual_seed(0)
+    net = build_network(dict(network_g))
+    weights = tmp_path / 'net_g.pth'
+    torch.save({'params': net.state_dict()}, weights)
+    opt = {'name': 'restore_test', 'network_g': network_g, 'path': {'pretrain_network_g': str(weights)}}
+    if network_clip:
+        opt['network_clip'] = network_clip
+    return write_yaml(tmp_path / 'opt.yml', opt)
+
+
+def test_restore_keeps_size_and_kind_and_skips_non_images(tmp_path):
+    rgba = _inputs(tmp_path / 'in')
+    opt = _model_files(tmp_path, DGUNET)
+    proc = run_cli(['-m', 'vlunet.restore', '-opt', opt, '-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'out'),
+                    '--tile', '64', '--tile-overlap', '16'], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'skipped (not an image)' in proc.stdout and 'notes.txt' in proc.stdout
+    for name in ('photo.png', 'odd.png', 'gray.png', 'rgba.png', 'deep.png'):
+        src = cv2.imread(str(tmp_path / 'in' / name), cv2.IMREAD_UNCHANGED)
+        out = cv2.imread(str(tmp_path / 'out' / name), cv2.IMREAD_UNCHANGED)
+        assert out is not None, name
+        assert out.shape == src.shape and out.dtype == src.dtype, name
+    out_rgba = cv2.imread(str(tmp_path / 'out' / 'rgba.png'), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(out_rgba[..., 3], rgba[..., 3])  # alpha kept
+    report = json.load(open(tmp_path / 'out' / 'report.json'))
+    assert sorted(r['image'] for r in report['images']) == ['deep.png', 'gray.png', 'odd.png', 'photo.png',
+                                                            'rgba.png']
+    assert report['skipped'] == ['notes.txt']
+    assert not (tmp_path / 'out' / 'notes.txt').exists()
+    assert (tmp_path / 'out' / 'report.csv').is_file()
+
+
+def test_restore_errors_name_what_is_missing(tmp_path):
+    opt = _model_files(tmp_path, DGUNET)
+    proc = run_cli(['-m', 'vlunet.restore', '-opt', opt, '-i', str(tmp_path / 'nope'), '-o', str(tmp_path / 'o')],
+                   tmp_path)
+    assert proc.returncode == 2 and 'input not found' in proc.stderr and 'nope' in proc.stderr
+    proc = run_cli(['-m', 'vlunet.restore', '-opt', opt, '-i', str(tmp_path), '-o', str(tmp_path / 'o'),
+                    '--model', str(tmp_path / 'missing.pth')], tmp_path)
+    assert proc.returncode == 2 and 'missing.pth' in proc.stderr
