@@ -83,8 +83,10 @@ CASES = [  # (fixture, layout, source_format the loader must report, run the for
     ('PromptIR_decoder.pt', lightning, 'lightning', True),
     ('Restormer_withbias.pt', restormer_pth, 'params', True),
     ('Restormer_biasfree.pt', restormer_pth, 'params', True),
-    # More layouts of the same weights: the converted tensors must equal the source ones.
+    # Every layout also with weights whose arch is always present: converted tensors must equal the source.
     ('DGUNet_deraining.pt', lightning, 'lightning', False),
+    ('DGUNetPlus_deraining.pt', lightning_vlunet, 'lightning-vlunet', False),
+    ('DGUNet_deraining.pt', restormer_pth, 'params', False),
     ('DGUNetPlus_deraining.pt', basicsr_ema, 'params_ema', False),
     ('DGUNet_deraining.pt', bare_module, 'bare', False),
 ]
@@ -140,7 +142,7 @@ def test_convert_reproduces_official_output(tmp_path, name, layout, fmt, forward
 
 
 def test_vlunet_adapters_reported_when_not_requested(tmp_path, capsys):
-    fx = load_fixture('VLUNet_de5_clip.pt')
+    fx = load_fixture('DGUNet_deraining.pt')  # any weights: the layout is what matters here
     src = write(lightning_vlunet(fx['state_dict']), tmp_path / 'vlunet.ckpt')
     assert convert_mod.main([src, str(tmp_path / 'out.pth')]) == 0
     out = capsys.readouterr().out
@@ -249,7 +251,7 @@ def test_pickle_needing_file_requires_trust(tmp_path, capsys):
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    fx = load_fixture('VLUNet_de5_clip.pt')
+    fx = load_fixture('DGUNet_deraining.pt')
     src = write(lightning_vlunet(fx['state_dict']), tmp_path / 'vlunet.ckpt')
     real_save, calls = torch.save, []
 
