@@ -1,0 +1,128 @@
+"""VLUNet: exactly the published model (float64 fixtures, key lists), plus what it adds."""
+import os
+
+import pytest
+import torch
+
+import vlunet  # noqa: F401
+from basicsr.utils.registry import ARCH_REGISTRY
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+TINY = dict(de_dim=3, dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8])
+
+
+def _fixture(name):
+    return torch.load(os.path.join(FIXTURES, name), weights_only=True)
+
+
+def _listing(name):
+    with open(os.path.join(FIXTURES, name)) as f:
+        return [tuple(line.split('\t')) for line in f.read().splitlines()]
+
+
+@pytest.mark.parametrize('name', ['VLUNet_de5_clip.pt', 'VLUNet_de7_clip.pt'])
+def test_published_fixture_float64(name):
+    fx = _fixture(name)
+    net = ARCH_REGISTRY.get('VLUNet')(**fx['config']).double().eval()
+    net.load_state_dict(fx['state_dict'], strict=True)
+    with torch.no_grad():
+        out = net(*fx['inputs'].values())
+    torch.testing.assert_close(out, fx['output'], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize('de_dim, listing, params', [(5, 'keys_VLUNet_de5.tsv', 34_364_852),
+                                                     (7, 'keys_VLUNet_de7.tsv', 35_353_028)])
+def test_full_size_keys_shapes_and_count(de_dim, listing, params):
+    with torch.device('meta'):
+        net = ARCH_REGISTRY.get('VLUNet')(de_dim)
+    mine = [(k, str(list(v.shape))) for k, v in net.state_dict().items()]
+    assert mine == _listing(listing)
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
+def test_constructor_defaults_are_the_published_ones():
+    import inspect
+    sig = inspect.signature(ARCH_REGISTRY.get('VLUNet'))
+    names = list(sig.parameters)
+    assert names[:11] == ['de_dim', 'inp_channels', 'out_channels', 'dim', 'num_blocks', 'num_refinement_blocks',
+                          'heads', 'ffn_expansion_factor', 'bias', 'LayerNorm_type', 'decoder']
+    defaults = {k: v.default for k, v in sig.parameters.items()}
+    assert defaults['dim'] == 48 and list(defaults['num_blocks']) == [4, 6, 6, 8]
+    assert defaults['num_refinement_blocks'] == 4 and list(defaults['heads']) == [1, 2, 4, 8]
+    assert defaults['ffn_expansion_factor'] == 2.66 and defaults['bias'] is False
+    assert defaults['LayerNorm_type'] == 'WithBias' and defaults['decoder'] is False
+
+
+def test_any_size_is_padded_and_cropped():
+    torch.manual_seed(0)
+    net = ARCH_REGISTRY.get('VLUNet')(**TINY).double().eval()
+    e = torch.randn(1, 512, dtype=torch.float64)
+    x = torch.rand(1, 3, 37, 29, dtype=torch.float64)
+    with torch.no_grad():
+        out = net(x, e)
+        assert out.shape == x.shape
+        # same as running the reflect-padded image and cropping by hand
+        padded = torch.nn.functional.pad(x, (0, 3, 0, 3), mode='reflect')
+        torch.testing.assert_close(out, net(padded, e)[..., :37, :29], rtol=0, atol=0)
+
+
+def test_no_clip_vector_uses_the_mean_prompt():
+    torch.manual_seed(0)
+    net = ARCH_REGISTRY.get('VLUNet')(**TINY).double().eval()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = net(x, None)
+        # zeroing `linear` makes softmax uniform: the same as no embedding
+        for m in net.modules():
+            if type(m).__name__ == 'GradientStep':
+                m.linear.weight.zero_()
+                m.linear.bias.zero_()
+        uniform = net(x, torch.randn(2, 512, dtype=torch.float64))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, uniform, rtol=0, atol=1e-12)
+
+
+def test_stage_recording_is_free_on_the_default_path():
+    torch.manual_seed(0)
+    net = ARCH_REGISTRY.get('VLUNet')(**TINY).eval()
+    x, e = torch.rand(2, 3, 24, 16), torch.randn(2, 512)
+    with torch.no_grad():
+        plain = net(x, e)
+        out, stages = net(x, e, return_stages=True)
+    assert torch.equal(plain, out)
+    assert [s['stage'] for s in stages] == ['encoder_level1', 'encoder_level2', 'encoder_level3', 'latent',
+                                            'decoder_level3', 'decoder_level2', 'decoder_level1', 'refinement']
+    for s in stages:
+        assert s['weights'].shape == (2, 3)
+        torch.testing.assert_close(s['weights'].sum(1), torch.ones(2))
+        assert s['after_gradient'].shape == s['after_proximal'].shape
+    assert stages[3]['after_proximal'].shape[-2:] == (3, 2)  # latent at 1/8 resolution
+
+
+def test_wrong_embedding_shape_is_named():
+    net = ARCH_REGISTRY.get('VLUNet')(**TINY)
+    with pytest.raises(ValueError, match=r'degradation must be \(B, 512\)'):
+        net(torch.rand(2, 3, 16, 16), torch.randn(512))
+
+
+def test_activation_checkpointing_same_outputs_and_grads():
+    torch.manual_seed(0)
+    ref = ARCH_REGISTRY.get('VLUNet')(**TINY).double()
+    ckp = ARCH_REGISTRY.get('VLUNet')(**TINY, use_checkpoint=True).double()
+    ckp.load_state_dict(ref.state_dict())
+    assert list(ref.state_dict()) == list(ckp.state_dict())
+    x, e = torch.rand(2, 3, 16, 16, dtype=torch.float64), torch.randn(2, 512, dtype=torch.float64)
+    ref(x, e).square().mean().backward()
+    ckp(x, e).square().mean().backward()
+    for (name, a), b in zip(ref.named_parameters(), ckp.parameters()):
+        if a.grad is None:
+            assert b.grad is None, name
+        else:
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12, msg=name)
+
+
+def test_bf16_autocast_runs():
+    net = ARCH_REGISTRY.get('VLUNet')(**TINY).eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = net(torch.rand(1, 3, 16, 16), torch.randn(1, 512))
+    assert out.shape == (1, 3, 16, 16) and torch.isfinite(out.float()).all()
