@@ -441,7 +441,7 @@ def check_job(job, workers):
             problems.append(f'size mismatch: {item.lq} is {lw}x{lh} but {item.gt} is {gw}x{gh} (W x H); '
                             'a pair must have the same size')
     real_src = os.path.realpath(job.src)
-    for role, path in job.leaves().items():
+    for path in job.leaves().values():
         real = os.path.realpath(path)
         if real == real_src or real_src.startswith(real + os.sep) or real.startswith(real_src + os.sep):
             problems.append(f'{path}: output overlaps the source {job.src}; choose another --out')
