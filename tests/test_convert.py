@@ -5,7 +5,6 @@ float64 official weights with the official output), converted, loaded strictly i
 architecture the converter inferred, and must reproduce the official output.
 """
 import argparse
-import glob
 import os
 from collections import OrderedDict
 
@@ -24,12 +23,8 @@ ATOL = 1e-9
 
 
 def load_fixture(name):
-    path = os.path.join(FIXTURES, name)
-    if not os.path.exists(path):
-        pytest.skip(f'fixture {name} not present')
-    fx = torch.load(path, weights_only=True, map_location='cpu')
-    if fx['arch'] not in ARCH_REGISTRY:
-        pytest.skip(f'arch {fx["arch"]} not registered')
+    fx = torch.load(os.path.join(FIXTURES, name), weights_only=True, map_location='cpu')
+    assert fx['arch'] in ARCH_REGISTRY, f'arch {fx["arch"]} is not registered'
     return fx
 
 
@@ -307,20 +302,18 @@ EXPECTED_GUESS = {  # full-size published listings -> what must be inferred
 
 @pytest.mark.parametrize('listing', sorted(EXPECTED_GUESS))
 def test_guess_arch_on_published_listings(listing):
-    path = os.path.join(FIXTURES, listing)
-    if not os.path.exists(path):
-        pytest.skip(f'{listing} not present')
-    arch, kwargs = guess_arch(read_listing(path))
+    arch, kwargs = guess_arch(read_listing(os.path.join(FIXTURES, listing)))
     want_arch, want = EXPECTED_GUESS[listing]
     assert arch == want_arch
     assert {k: kwargs.get(k) for k in want} == want
 
 
-@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(FIXTURES, '*.pt'))), ids=os.path.basename)
-def test_guess_arch_on_fixtures_matches_config(path):
-    fx = torch.load(path, weights_only=True)
-    if 'state_dict' not in fx or 'config' not in fx:
-        pytest.skip('not a parity fixture')
+PARITY_FIXTURES = sorted({case[0] for case in CASES})
+
+
+@pytest.mark.parametrize('name', PARITY_FIXTURES)
+def test_guess_arch_on_fixtures_matches_config(name):
+    fx = load_fixture(name)
     arch, kwargs = guess_arch(fx['state_dict'])
     assert arch == fx['arch']
     # Every inferred kwarg agrees with the fixture's config where the config sets it.
