@@ -68,3 +68,27 @@ def test_restore_errors_name_what_is_missing(tmp_path):
     proc = run_cli(['-m', 'vlunet.restore', '-opt', opt, '-i', str(tmp_path), '-o', str(tmp_path / 'o'),
                     '--model', str(tmp_path / 'missing.pth')], tmp_path)
     assert proc.returncode == 2 and 'missing.pth' in proc.stderr
+
+
+TINY_VLUNET = {'type': 'VLUNet', 'de_dim': 3, 'dim': 16, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
+               'heads': [1, 2, 4, 8]}
+TINY_CLIP = {'type': 'DegradationCLIP', 'clip_model': 'vlunet-tiny', 'pretrained': None,
+             'prompts': ['image with noise', 'image with haze', 'image with rain']}
+
+
+def test_restore_with_clip_reports_types_and_saves_stages(tmp_path):
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    cv2.imwrite(str(folder / 'odd.png'), np.random.default_rng(0).integers(0, 256, (37, 29, 3), dtype=np.uint8))
+    opt = _model_files(tmp_path, TINY_VLUNET, TINY_CLIP)
+    proc = run_cli(['-m', 'vlunet.restore', '-opt', opt, '-i', str(folder / 'odd.png'), '-o', str(tmp_path / 'out'),
+                    '--save-stages', '--device', 'cpu'], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cv2.imread(str(tmp_path / 'out' / 'odd.png')).shape == (37, 29, 3)
+    grid = cv2.imread(str(tmp_path / 'out' / 'odd_stages.png'))
+    assert grid is not None and grid.shape[0] > 8 * 100  # input row + eight stage rows
+    row = json.load(open(tmp_path / 'out' / 'report.json'))['images'][0]
+    probs = {k: v for k, v in row.items() if k.startswith('p(')}
+    assert list(probs) == ['p(image with noise)', 'p(image with haze)', 'p(image with rain)']
+    assert abs(sum(probs.values()) - 1) < 1e-4
+    assert row['top_type'] == max(probs, key=probs.get)[2:-1]
