@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Speed and memory of the registered restoration architectures at full size.
+
+For each arch: parameters, GMACs of one 1x3x256x256 forward, forward latency at 1x3x256x256
+(no_grad), forward+backward latency with an L1 loss at 2x3x128x128 (median after warm-up), and
+peak memory of the forward+backward (CPU: increase of the peak resident set of a fresh process;
+CUDA: torch.cuda.max_memory_allocated). Every measurement runs in its own subprocess, so the
+memory figures do not mix. Prints a Markdown table; ``--csv`` also writes CSV.
+
+    python scripts/benchmark_archs.py                          # all archs, CPU, 2 threads
+    python scripts/benchmark_archs.py --archs VLUNet --repeats 5 --device cuda
+    python scripts/benchmark_archs.py --archs VLUNet --reference /path/to/VLU-Net/net/Final.py
+
+``--reference`` also times the published VLU-Net (its ``net/Final.py``, which needs ``einops``)
+with the SAME weights and inputs, checks that the outputs agree within float32 rounding, and
+prints the speed-up and memory ratio.
+"""
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    'VLUNet': {'type': 'VLUNet', 'de_dim': 5},
+    'Restormer': {'type': 'Restormer'},
+    'PromptIR': {'type': 'PromptIR', 'decoder': True},
+    'DGUNet': {'type': 'DGUNet', 'n_feat': 80, 'scale_unetfeats': 48, 'scale_orsnetfeats': 32},
+    'DGUNetPlus': {'type': 'DGUNetPlus'},
+}
+
+
+def _peak_rss_mb():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024
+    return float('nan')
+
+
+def _current_rss_mb():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1024
+    return float('nan')
+
+
+def _build(name, reference=None):
+    import torch
+
+    import vlunet  # noqa: F401
+    from basicsr.archs import build_network
+    torch.manual_seed(0)
+    ours = build_network(dict(CONFIGS[name]))
+    if reference is None:
+        return ours
+    spec = importlib.util.spec_from_file_location('published_vlunet', reference)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    published = module.VLUNet(CONFIGS[name]['de_dim'])
+    published.load_state_dict(ours.state_dict(), strict=True)
+    return published
+
+
+def _inputs(name, batch, size, device):
+    import torch
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 3, size, size, generator=g).to(device)
+    if name == 'VLUNet':
+        return x, (x, torch.randn(batch, 512, generator=g).to(device))
+    return x, (x, )
+
+
+def _first(out):
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def measure(name, what, device, threads, repeats, reference=None, channels_last=False, checkpointing=False,
+            save_output=None):
+    """One measurement in this process; returns a dict (run in a fresh subprocess by main)."""
+    import torch
+    torch.set_num_threads(threads)
+    baseline = _current_rss_mb()
+    net = _build(name, reference).to(device)
+    if checkpointing and hasattr(net, 'refinement'):
+        for m in net.modules():
+            if hasattr(m, 'use_checkpoint'):
+                m.use_checkpoint = True
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    result = {'arch': name, 'impl': 'published' if reference else 'vlunet'}
+    if what == 'forward':
+        net.eval()
+        _, args = _inputs(name, 1, 256, device)
+        with torch.no_grad():
+            out = _first(net(*args))
+            times = []
+            for _ in range(repeats):
+                sync()
+                t = time.perf_counter()
+                net(*args)
+                sync()
+                times.append(time.perf_counter() - t)
+        result['forward_s'] = statistics.median(times)
+        if save_output:
+            torch.save(out.detach().cpu(), save_output)
+    else:
+        net.train()
+        target, args = _inputs(name, 2, 128, device)
+        if device.startswith('cuda'):
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(repeats + 1):  # the first is warm-up
+            sync()
+            t = time.perf_counter()
+            out = _first(net(*args))
+            torch.nn.functional.l1_loss(out, target).backward()
+            sync()
+            if i:
+                times.append(time.perf_counter() - t)
+            net.zero_grad(set_to_none=True)
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else _peak_rss_mb() - baseline)
+        result.update(train_step_s=statistics.median(times), train_step_best_s=min(times), peak_mb=peak)
+    return result
+
+
+def static_figures(name):
+    import torch
+
+    from vlunet.compare import count_gmacs
+    import vlunet  # noqa: F401
+    from basicsr.archs import build_network
+    with torch.device('meta'):
+        params = sum(p.numel() for p in build_network(dict(CONFIGS[name])).parameters())
+    return {'params_M': params / 1e6, 'gmacs_256': count_gmacs(CONFIGS[name])}
+
+
+def _subprocess(args):
+    cmd = [sys.executable, os.path.abspath(__file__), '--_child', json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f'{args}: {proc.stderr[-2000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--archs', nargs='+', default=list(CONFIGS))
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads (torch.set_num_threads)')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--checkpointing', action='store_true', help='activation checkpointing (VLUNet)')
+    parser.add_argument('--reference', help="the published VLU-Net's net/Final.py, timed side by side")
+    parser.add_argument('--csv', help='also write the table as CSV')
+    parser.add_argument('--_child', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._child:
+        print(json.dumps(measure(**json.loads(args._child))))
+        return 0
+
+    import tempfile
+
+    import torch
+
+    import vlunet  # noqa: F401
+    from basicsr.utils.registry import ARCH_REGISTRY
+    tmp = tempfile.mkdtemp(prefix='vlunet-bench-')
+    rows = []
+    for name in args.archs:
+        if name not in CONFIGS or name not in ARCH_REGISTRY:
+            print(f'skipping {name}: not a registered restoration arch', file=sys.stderr)
+            continue
+        impls = [None] + ([args.reference] if args.reference and name == 'VLUNet' else [])
+        static = static_figures(name)
+        for reference in impls:
+            common = dict(name=name, device=args.device, threads=args.threads, repeats=args.repeats,
+                          reference=reference, channels_last=args.channels_last,
+                          checkpointing=args.checkpointing and reference is None)
+            label = f'{name} ({"published" if reference else "vlunet"})'
+            print(f'[{label}] forward 1x3x256x256 ...', file=sys.stderr, flush=True)
+            out_path = os.path.join(tmp, f'{name}-{"published" if reference else "ours"}.pt')
+            fwd = _subprocess(dict(common, what='forward', save_output=out_path))
+            print(f'[{label}] forward+backward 2x3x128x128 ...', file=sys.stderr, flush=True)
+            step = _subprocess(dict(common, what='train'))
+            rows.append({'arch': label, **static, 'forward_s': fwd['forward_s'], 'train_step_s': step['train_step_s'],
+                         'train_step_best_s': step['train_step_best_s'], 'peak_mb': step['peak_mb'],
+                         'output': out_path})
+
+    unit = f'{args.threads} CPU threads' if args.device == 'cpu' else args.device
+    print(f'\n{unit}; median of {args.repeats} runs after warm-up; peak memory of the forward+backward step\n')
+    print('| arch | params (M) | GMACs@256 | forward 1x3x256² (s) | fwd+bwd 2x3x128² (s, best) | peak mem (MB) |')
+    print('|---|---|---|---|---|---|')
+    for r in rows:
+        print(f'| {r["arch"]} | {r["params_M"]:.2f} | {r["gmacs_256"]:.1f} | {r["forward_s"]:.2f} | '
+              f'{r["train_step_s"]:.2f} ({r["train_step_best_s"]:.2f}) | {r["peak_mb"]:.0f} |')
+    pub = next((r for r in rows if r['arch'] == 'VLUNet (published)'), None)
+    ours = next((r for r in rows if r['arch'] == 'VLUNet (vlunet)'), None)
+    if pub and ours:
+        diff = (torch.load(pub['output']) - torch.load(ours['output'])).abs().max().item()
+        print(f'\nVLUNet vs published (same weights and inputs): fwd+bwd speed-up '
+              f'{pub["train_step_s"] / ours["train_step_s"]:.2f}x, forward speed-up '
+              f'{pub["forward_s"] / ours["forward_s"]:.2f}x, peak memory {ours["peak_mb"] / pub["peak_mb"]:.2f}x; '
+              f'max |output difference| {diff:.1e} (float32)')
+    if args.csv:
+        with open(args.csv, 'w', newline='') as f:
+            fields = [k for k in rows[0] if k != 'output']
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
