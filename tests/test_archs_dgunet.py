@@ -181,5 +181,4 @@ def test_bad_constructor_arguments_are_named():
     with pytest.warns(UserWarning, match='depth=3'):
         build('DGUNetPlus', depth=3, **TINY)
     model = build('DGUNet', **TINY)
-    with pytest.raises(ValueError, match='too small'):
-        model(torch.rand(1, 3, 4, 16))
+    assert all(o.shape == (1, 3, 3, 5) for o in model(torch.rand(1, 3, 3, 5)))  # tiny input: replicate-padded

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
+from vlunet.utils.tiling import crop_to, pad_to_multiple
 from vlunet.archs.dgunet_blocks import (SAM, GradientOperator, SubspaceMerge, UNetDecoder, UNetEncoder,
-                                        check_unet_widths, conv, gradient_step, pad_to_multiple, shallow_feature,
+                                        check_unet_widths, conv, gradient_step, shallow_feature,
                                         unfolding_stage)
 
 SIZE_MULTIPLE = 8  # three stride-2 levels in the U-Net
@@ -46,11 +47,9 @@ class _UnfoldingNet(nn.Module):
     def forward(self, img):
         """Stage images, final first, each of the input's size (reflect-padded inside to a
         multiple of 8, then cropped back; untouched when already a multiple)."""
-        h, w = img.shape[-2:]
-        images = self.unfold(pad_to_multiple(img, SIZE_MULTIPLE))
-        if images[0].shape[-2:] == (h, w):
-            return images
-        return [image[..., :h, :w] for image in images]
+        padded, size = pad_to_multiple(img, SIZE_MULTIPLE)
+        images = self.unfold(padded)
+        return images if padded is img else crop_to(images, size)
 
     def _check_shared_entries(self, state_dict, prefix, *args):
         # Load hook: several keys naming one shared PReLU must agree, or only the last survives.

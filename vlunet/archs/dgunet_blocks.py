@@ -286,14 +286,3 @@ def unfolding_stage(y: torch.Tensor, prev: Optional[StageState], phi: nn.Module,
 # ----------------------------------------------------------------------------------------
 # Any input size
 # ----------------------------------------------------------------------------------------
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Reflect-pad the bottom and right of ``x`` so that H and W are multiples of ``multiple``
-    (``x`` itself when they already are)."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    if pad_h >= h or pad_w >= w:
-        raise ValueError(f'input of size {h}x{w} is too small to reflect-pad to a multiple of {multiple}; '
-                         f'H and W must be at least {multiple // 2 + 1}')
-    return F.pad(x, (0, pad_w, 0, pad_h), mode='reflect')
