@@ -47,7 +47,8 @@ class _UnfoldingNet(nn.Module):
     def forward(self, img):
         """Stage images, final first, each of the input's size (reflect-padded inside to a
         multiple of 8, then cropped back; untouched when already a multiple)."""
-        padded, size = pad_to_multiple(img, SIZE_MULTIPLE)
+        # the InstanceNorm of the deepest U-Net level needs more than one pixel: at least 16 px
+        padded, size = pad_to_multiple(img, SIZE_MULTIPLE, minimum=2 * SIZE_MULTIPLE)
         images = self.unfold(padded)
         return images if padded is img else crop_to(images, size)
 

@@ -5,14 +5,15 @@ import torch
 import torch.nn.functional as F
 
 
-def pad_to_multiple(x, multiple=8, mode='reflect'):
-    """Pad the last two dims of ``x`` at the bottom/right up to a multiple of ``multiple``.
+def pad_to_multiple(x, multiple=8, mode='reflect', minimum=0):
+    """Pad the last two dims of ``x`` at the bottom/right up to a multiple of ``multiple`` (and to
+    at least ``minimum`` pixels).
 
     Returns ``(padded, (h, w))`` with the original size, for :func:`crop_to`. Reflect padding
     needs the pad to be smaller than the side; tiny inputs fall back to replicate padding.
     """
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
+    ph, pw = max((-h) % multiple, minimum - h), max((-w) % multiple, minimum - w)
     if ph == 0 and pw == 0:
         return x, (h, w)
     if mode == 'reflect' and (ph >= h or pw >= w):
