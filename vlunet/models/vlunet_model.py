@@ -197,7 +197,9 @@ class VLUNetModel(SRModel):
         self.lq = data['lq'].to(self.device)
         if 'gt' in data:
             self.gt = data['gt'].to(self.device)
-        self.label = data['label'].to(self.device) if 'label' in data else None
+        # the CLIP class of an item is its prompt index (AllInOneDataset: defaults to its label)
+        label = data.get('prompt_index', data.get('label'))
+        self.label = label.to(self.device) if label is not None else None
 
     def _train_clip_step(self):
         """One contrastive step of the CLIP adapters; returns the (detached) embedding."""
