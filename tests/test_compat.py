@@ -108,3 +108,13 @@ def test_ddp_wrapper_on_cpu_gets_no_device_ids(monkeypatch):
     model.opt = {'dist': True, 'num_gpu': 0, 'find_unused_parameters': True}
     model.model_to_device(torch.nn.Linear(1, 1))
     assert seen == {'device_ids': None, 'find_unused': True}
+
+
+def test_flags_under_path_are_not_made_into_folders(tmp_path):
+    from basicsr.utils import make_exp_dirs
+    root = tmp_path / 'exp'
+    opt = {'is_train': True, 'path': {'experiments_root': str(root), 'models': str(root / 'models'),
+                                      'widen_degradation_types': True, 'pretrain_network_g': None}}
+    make_exp_dirs(opt)  # raised TypeError on the boolean before the fix
+    assert (root / 'models').is_dir()
+    assert opt['path']['widen_degradation_types'] is True  # the caller's options are untouched

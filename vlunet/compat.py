@@ -159,6 +159,29 @@ def fix_ddp_device_ids():
     BaseModel.model_to_device = model_to_device
 
 
+def fix_flags_under_path():
+    """Symptom: a flag under ``path:`` (e.g. ``widen_degradation_types: true``) makes training
+    die in ``make_exp_dirs`` with ``TypeError: expected str, bytes or os.PathLike object, not bool``.
+
+    BasicSR creates a folder for every ``path`` entry it does not recognise by name. Entries whose
+    value is not a path (booleans, numbers, None) are options, not folders: skip them.
+    """
+    from basicsr.utils import misc
+    original = misc.make_exp_dirs
+    if getattr(original, '_vlunet_wrapped', False):
+        return
+
+    def make_exp_dirs(opt):
+        paths = {k: v for k, v in opt['path'].items() if isinstance(v, (str, os.PathLike))}
+        return original(dict(opt, path=paths))
+
+    make_exp_dirs._vlunet_wrapped = True
+    for module_name in ('basicsr.utils.misc', 'basicsr.utils', 'basicsr.train', 'basicsr.test'):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, 'make_exp_dirs'):
+            module.make_exp_dirs = make_exp_dirs
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. resuming: CPU map_location, experiments/ under root_path, weights_only loading
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +357,7 @@ def apply():
     fix_distributed_init()
     fix_ddp_device_ids()
     fix_resume_state_loading()
+    fix_flags_under_path()
     fix_lmdb_double_open()
     fix_optimizers_and_schedulers()
     _APPLIED = True
