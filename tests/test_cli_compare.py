@@ -1,0 +1,57 @@
+"""vlunet-compare: table over result folders, CSV next to it, side-by-side grids."""
+import csv
+import json
+import os
+
+import cv2
+import numpy as np
+
+from conftest import run_cli
+
+DGUNET = {'type': 'DGUNet', 'n_feat': 8, 'scale_unetfeats': 4, 'scale_orsnetfeats': 4, 'depth': 1}
+
+
+def _result(root, name, metrics, network=None, images=('cat', )):
+    folder = root / 'results' / name
+    folder.mkdir(parents=True)
+    (folder / 'metrics.json').write_text(json.dumps(metrics))
+    (folder / 'model.json').write_text(json.dumps({'name': name, 'network_g': network, 'params': 1234567}))
+    for set_name in metrics:
+        vis = folder / 'visualization' / set_name
+        vis.mkdir(parents=True)
+        for stem in images:
+            for suffix in ('lq', 'gt', name):
+                cv2.imwrite(str(vis / f'{stem}_{suffix}.png'), np.full((20, 30, 3), 100, np.uint8))
+    return folder
+
+
+def test_table_csv_and_grid(tmp_path):
+    m1 = {'rain': {'psnr': 30.0, 'ssim': 0.9, 'input_psnr': 25.0, 'input_ssim': 0.8},
+          'haze': {'psnr': 20.0, 'ssim': 0.7, 'input_psnr': 12.0, 'input_ssim': 0.6}}
+    m2 = {'rain': {'psnr': 28.0, 'ssim': 0.85, 'input_psnr': 25.0, 'input_ssim': 0.8},
+          'haze': {'psnr': 22.0, 'ssim': 0.75, 'input_psnr': 12.0, 'input_ssim': 0.6}}
+    a = _result(tmp_path, 'A_demo', m1, DGUNET)
+    b = _result(tmp_path, 'B_demo', m2, DGUNET)
+    (tmp_path / 'results' / 'empty').mkdir()
+    proc = run_cli(['-m', 'vlunet.compare', str(a), str(b), str(tmp_path / 'results' / 'empty'), '--out',
+                    str(tmp_path / 'cmp'), '--images', 'cat'], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert '| Input (degraded) |' in out and 'A_demo (DGUNet)' in out and 'B_demo (DGUNet)' in out
+    assert 'rain PSNR/SSIM' in out and 'haze PSNR/SSIM' in out and 'Average' in out
+    row_a = next(line for line in out.splitlines() if line.startswith('| A_demo'))
+    assert row_a.endswith('| 25.00 / 0.8000 |')  # average over the two sets
+    assert '| 30.00 / 0.9000 |' in row_a and '| 1.23 |' in row_a
+    assert 'skipping' in proc.stderr and 'empty' in proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / 'cmp' / 'comparison.csv')))
+    assert [r['method'] for r in rows] == ['Input (degraded)', 'A_demo (DGUNet)', 'B_demo (DGUNet)']
+    assert float(rows[2]['average_psnr']) == 25.0 and float(rows[0]['average_psnr']) == 18.5
+    assert float(rows[1]['gmacs_256']) > 0 and float(rows[1]['params_M']) == 1.234567
+    grid = cv2.imread(str(tmp_path / 'cmp' / 'grid_cat.png'))
+    assert grid is not None and grid.shape[1] >= 4 * 100  # input | A | B | ground truth
+    assert os.path.isfile(tmp_path / 'cmp' / 'comparison.md')
+
+
+def test_no_results_is_an_error(tmp_path):
+    proc = run_cli(['-m', 'vlunet.compare', str(tmp_path)], tmp_path)
+    assert proc.returncode == 2 and 'metrics.json' in proc.stderr
