@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_TRAIN = os.path.join(REPO, 'options', 'train', 'VLUNet_demo.yml')
 
 # tiny overrides that keep the demo option file's structure but make a run take seconds
-TINY_DEMO = ['datasets:train:gt_size=32', 'datasets:train:batch_size_per_gpu=2', 'network_g:dim=8',
+TINY_DEMO = ['datasets:train:gt_size=32', 'datasets:train:batch_size_per_gpu=2', 'network_g:dim=10',
              'logger:use_tb_logger=false', 'logger:print_freq=1']
 
 

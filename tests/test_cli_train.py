@@ -64,7 +64,7 @@ def test_train_and_validate_on_one_lmdb(tmp_path, demo_images):
         'train': dict(opt['datasets']['train'], sources=[source], gt_size=32, batch_size_per_gpu=2),
         'val': {'name': 'lmdb_val', 'type': 'AllInOneDataset', 'sources': [source]},
     }
-    opt['network_g']['dim'] = 8
+    opt['network_g']['dim'] = 10
     opt['train']['total_iter'] = 4
     opt['val']['val_freq'] = 2  # validate twice, training reads the same LMDB in between
     opt['logger'].update(save_checkpoint_freq=4, use_tb_logger=False)
