@@ -3,14 +3,67 @@
 Every block works on (B, C, H, W) feature maps. Parameter names follow the published models
 (``body.weight`` of a LayerNorm, ``qkv``/``qkv_dwconv``/``project_out``/``temperature`` of MDTA,
 ``project_in``/``dwconv``/``project_out`` of GDFN, ...) so published checkpoints load strictly.
+
+Speed and memory. The archs run their feature maps in ``torch.channels_last``: the 3x3
+depthwise convolutions are several times faster there on CPU, a 1x1 convolution is a plain
+matrix product over the (pixels, channels) rows, and the channel LayerNorm is ``layer_norm``
+over the last dimension of those rows. Any memory format still gives the same results (rows of
+another layout are copied first). Three ``torch.autograd.Function`` s do the per-pixel work of a
+transformer block and keep only what their backward cannot cheaply recompute:
+
+* :class:`NormLinear` -- channel LayerNorm followed by a 1x1 convolution; keeps its input and
+  the per-pixel mean/rstd, and recomputes the normalised map in the backward pass;
+* :class:`ChannelAttention` -- MDTA's L2 normalisation, temperature, softmax, attention-times-v,
+  the output 1x1 projection and the residual add in one: ``project(softmax(.) v)`` is computed as
+  ``v @ M`` with the small matrix ``M = blockdiag(softmax(.)^T) W^T``, so neither the normalised
+  q/k nor the attention output is ever stored; it keeps q/k/v (views of the depthwise
+  convolution's output) and C/heads x C/heads matrices;
+* :class:`GatedLinear` -- GDFN's ``project_out(gelu(a) * b)`` plus the residual; keeps a and b
+  and recomputes the gate in the backward pass.
+
+Under autocast the blocks take the plain autograd path (the published formulation). Every
+Function is first-order differentiable (``once_differentiable``); float64 results equal the
+plain path to rounding.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from vlunet.utils.tiling import crop_to, pad_to_multiple  # noqa: F401  (re-exported for the archs)
 
 LN_EPS = 1e-5
+NORM_EPS = 1e-12  # F.normalize's eps
+
+
+def use_fused(x):
+    """True where the custom Functions apply: not under autocast (which keeps the plain path)."""
+    device = x.device.type
+    return device == 'meta' or not torch.is_autocast_enabled(device)
+
+
+def to_rows(x):
+    """(B, C, H, W) -> (B*H*W, C) rows of pixels; a view for channels_last maps, else a copy."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def from_rows(rows, b, h, w):
+    """(B*H*W, C) or (B, H*W, C) rows -> (B, C, H, W) map in channels_last (a view)."""
+    return rows.reshape(b, h, w, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _batched_rows(x):
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def _flat(weight):
+    """(C_out, C_in, 1, 1) 1x1 convolution weight -> (C_out, C_in) matrix (a view)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# channel LayerNorm
 
 
 class _NormParams(nn.Module):
@@ -25,9 +78,9 @@ class _NormParams(nn.Module):
 class LayerNorm(nn.Module):
     """LayerNorm over the channels of every pixel of a (B, C, H, W) map (Restormer's LayerNorm).
 
-    ``LayerNorm_type`` 'WithBias': ``(x - mean) / sqrt(var + 1e-5) * w + b``; 'BiasFree':
-    ``x / sqrt(var + 1e-5) * w`` (the variance is still taken around the mean). Computed in place
-    on the 4-D map, without rearranged copies.
+    ``LayerNorm_type`` 'WithBias': ``(x - mean) / sqrt(var + 1e-5) * w + b`` (``layer_norm`` on the
+    pixel rows); 'BiasFree': ``x / sqrt(var + 1e-5) * w`` (the variance is still taken around the
+    mean). The result is a channels_last map.
     """
 
     def __init__(self, dim, LayerNorm_type='WithBias'):
@@ -36,19 +89,71 @@ class LayerNorm(nn.Module):
         self.body = _NormParams(dim, self.with_bias)
 
     def forward(self, x):
-        var, mean = torch.var_mean(x, dim=1, keepdim=True, unbiased=False)
-        scale = torch.rsqrt(var + LN_EPS)
-        weight = self.body.weight.view(1, -1, 1, 1)
+        rows = x.permute(0, 2, 3, 1)
         if self.with_bias:
-            return torch.addcmul(self.body.bias.view(1, -1, 1, 1), (x - mean) * scale, weight)
-        return x * scale * weight
+            out = F.layer_norm(rows, rows.shape[-1:], self.body.weight, self.body.bias, LN_EPS)
+        else:
+            var = torch.var(rows, dim=-1, keepdim=True, unbiased=False)
+            out = rows * torch.rsqrt(var + LN_EPS) * self.body.weight
+        return out.permute(0, 3, 1, 2)
+
+
+class NormLinear(torch.autograd.Function):
+    """``conv1x1(LayerNorm_WithBias(x))`` keeping x and per-pixel mean/rstd (not the normalised map).
+
+    ``apply(x, norm_weight, norm_bias, weight, bias)``: x (B, C, H, W); weight (C_out, C); bias
+    (C_out,) or None. Returns (B, C_out, H, W) in channels_last.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias):
+        b, c, h, w = x.shape
+        rows = to_rows(x)
+        normed, mean, rstd = torch.native_layer_norm(rows, [c], norm_weight, norm_bias, LN_EPS)
+        out = F.linear(normed, weight, bias)
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        return from_rows(out, b, h, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
+        b, c, h, w = x.shape
+        rows, g = to_rows(x), to_rows(grad)
+        need_x, need_nw, need_nb, need_w, need_b = ctx.needs_input_grad
+        grad_x = grad_nw = grad_nb = grad_w = grad_b = None
+        if need_w:
+            normed = torch.native_layer_norm(rows, [c], norm_weight, norm_bias, LN_EPS)[0]
+            grad_w = g.t().mm(normed)
+            del normed
+        if need_b and ctx.has_bias:
+            grad_b = g.sum(0)
+        if need_x or need_nw or need_nb:
+            grad_normed = g.mm(weight)
+            grad_rows, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+                grad_normed, rows, [c], mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb])
+            grad_x = from_rows(grad_rows, b, h, w) if need_x else None
+        return grad_x, grad_nw, grad_nb, grad_w, grad_b
+
+
+def norm_conv1x1(norm, conv, x):
+    """``conv(norm(x))`` for a channel :class:`LayerNorm` and a 1x1 ``nn.Conv2d`` (fused if possible)."""
+    if norm.with_bias and use_fused(x):
+        return NormLinear.apply(x, norm.body.weight, norm.body.bias, _flat(conv.weight), conv.bias)
+    return conv(norm(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# transposed (channel) attention
 
 
 def channel_attention(q, k, v, temperature, heads):
     """Transposed (channel) attention of MDTA: softmax(norm(q) norm(k)^T * t) v, per head.
 
-    q, v: (B, C, H, W); k: (B, C, H', W'). Attention maps are C/heads x C/heads, so the cost is
-    linear in the number of pixels.
+    q, v: (B, C, H, W); k: (B, C, H', W') with H'W' = HW. Attention maps are C/heads x C/heads, so
+    the cost is linear in the number of pixels. The plain autograd formulation (the published
+    one); :class:`ChannelAttention` is the fused equivalent.
     """
     b, c, h, w = q.shape
     q = F.normalize(q.reshape(b, heads, c // heads, h * w), dim=-1)
@@ -58,8 +163,167 @@ def channel_attention(q, k, v, temperature, heads):
     return (attn.softmax(dim=-1) @ v).reshape(b, c, h, w)
 
 
-class Attention(nn.Module):
-    """MDTA: multi-Dconv-head transposed self-attention (Restormer)."""
+def _dwconv(x, weight, bias):
+    """Depthwise k x k convolution, 'same' padding (the blocks' ``*_dwconv`` / ``dwconv``)."""
+    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def _dwconv_backward(grad, x, weight, has_bias, need_x, need_w, need_b):
+    pad = weight.shape[-1] // 2
+    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None, [1, 1],
+                                               [pad, pad], [1, 1], False, [0, 0], x.shape[1],
+                                               [need_x, need_w, need_b and has_bias])
+
+
+def _split_qkv(src, k_src):
+    """(q, k, v) row views (B, N, C) of a qkv map, or of a qv map and a separate k map."""
+    rows = _batched_rows(src)
+    if k_src is None:
+        c = src.shape[1] // 3
+        return rows[..., :c], rows[..., c:2 * c], rows[..., 2 * c:]
+    c = src.shape[1] // 2
+    return rows[..., :c], _batched_rows(k_src), rows[..., c:]
+
+
+class ChannelAttention(torch.autograd.Function):
+    """``beta * residual + project_out(channel_attention(q, k, v)) (+ bias)`` in one Function.
+
+    ``apply(src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta)``:
+    ``src`` goes through the depthwise convolution (``dw_weight``, ``dw_bias``; skipped if
+    ``dw_weight`` is None). With ``k_src`` None, that gives the (B, 3C, H, W) qkv map (q, k, v = its
+    thirds); otherwise the (B, 2C, H, W) qv map, ``k_src`` being the (B, C, H, W) keys. ``weight``
+    (C_out, C) is the output 1x1 projection, ``bias`` (C_out,) or None, ``residual`` (B, C_out, H, W)
+    or None, ``beta`` a number. Returns (B, C_out, H, W) in channels_last.
+
+    Forward: per head, ``S = t * (q^T k) / (|q| |k|^T)`` (C/heads square), ``P = softmax(S)``; then
+    ``out = v @ M`` with ``M = blockdiag(P^T) @ W^T`` (C x C_out per image). Saved: the inputs, P,
+    S/t, the norms and M (all small but the inputs); the depthwise convolution is recomputed in
+    the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta):
+        b, _, h, w = src.shape
+        qkv = src if dw_weight is None else _dwconv(src, dw_weight, dw_bias)
+        q, k, v = _split_qkv(qkv, k_src)
+        c_all, c_out = q.shape[-1], weight.shape[0]
+        c = c_all // heads
+        q_norm = q.square().sum(1).sqrt_()  # (B, C)
+        k_norm = k.square().sum(1).sqrt_()
+        gram = torch.stack([torch.bmm(q[..., i * c:(i + 1) * c].transpose(1, 2), k[..., i * c:(i + 1) * c])
+                            for i in range(heads)], 1)  # (B, heads, c, c)
+        denom = q_norm.clamp_min(NORM_EPS).view(b, heads, c, 1) * k_norm.clamp_min(NORM_EPS).view(b, heads, 1, c)
+        cosine = gram.div_(denom)
+        attn = torch.softmax(cosine * temperature, dim=-1)
+        w_heads = weight.view(c_out, heads, c).permute(1, 2, 0)  # (heads, c, C_out)
+        mix = torch.matmul(attn.transpose(-1, -2), w_heads).reshape(b, c_all, c_out)
+        if residual is None:
+            out = torch.bmm(v, mix)
+        else:
+            out = torch.baddbmm(_batched_rows(residual), v, mix, beta=beta)
+        if bias is not None:
+            out.add_(bias)
+        ctx.save_for_backward(src, dw_weight, dw_bias, k_src, temperature, weight, attn, cosine, q_norm, k_norm, mix)
+        ctx.heads, ctx.beta = heads, beta
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        return from_rows(out, b, h, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        src, dw_weight, dw_bias, k_src, temperature, weight, attn, cosine, q_norm, k_norm, mix = ctx.saved_tensors
+        need_src, need_dw_w, need_dw_b, need_k, need_t, need_w, need_b, need_res = ctx.needs_input_grad[:8]
+        heads = ctx.heads
+        b, c_src, h, w = src.shape
+        qkv = src if dw_weight is None else _dwconv(src, dw_weight, dw_bias)
+        q, k, v = _split_qkv(qkv, k_src)
+        c_all, c_out = q.shape[-1], weight.shape[0]
+        c = c_all // heads
+        g = _batched_rows(grad)  # (B, N, C_out)
+
+        # out = v @ mix
+        grad_mix = torch.bmm(v.transpose(1, 2), g).view(b, heads, c, c_out)  # (B, heads, c_j, C_out)
+        w_heads = weight.view(c_out, heads, c).permute(1, 2, 0)
+        grad_w = grad_b = grad_res = None
+        if need_w:
+            grad_w = torch.matmul(attn, grad_mix).sum(0).permute(2, 0, 1).reshape(c_out, c_all)
+        if need_b and ctx.has_bias:
+            grad_b = g.sum((0, 1))
+        if need_res and ctx.has_residual:
+            grad_res = grad if ctx.beta == 1 else grad * ctx.beta
+        # mix = blockdiag(attn^T) @ W^T -> attn; softmax; temperature
+        grad_attn = torch.matmul(w_heads, grad_mix.transpose(-1, -2))  # (B, heads, c_i, c_j)
+        grad_s = attn * (grad_attn - (grad_attn * attn).sum(-1, keepdim=True))
+        grad_t = (grad_s * cosine).sum((0, 2, 3)).view_as(temperature) if need_t else None
+        grad_cos = grad_s.mul_(temperature)
+        if not (need_src or need_dw_w or need_dw_b or need_k):
+            return None, None, None, None, grad_t, grad_w, grad_b, grad_res, None, None
+
+        # cosine = (q^T k) / (|q| |k|^T) with F.normalize's clamp of the norms at eps
+        dq, dk = q_norm.clamp_min(NORM_EPS), k_norm.clamp_min(NORM_EPS)
+        scaled = grad_cos / (dq.view(b, heads, c, 1) * dk.view(b, heads, 1, c))  # d/d(q^T k)
+        gc = grad_cos * cosine
+        coef_q = torch.where(q_norm > NORM_EPS, gc.sum(-1).view(b, c_all) / dq.square(), 0).unsqueeze(1)
+        coef_k = torch.where(k_norm > NORM_EPS, gc.sum(-2).view(b, c_all) / dk.square(), 0).unsqueeze(1)
+
+        grad_rows = q.new_empty(b, h * w, c_src)
+        grad_qkv = from_rows(grad_rows, b, h, w)
+        if k_src is None:
+            grad_q, grad_k, grad_v = grad_rows[..., :c_all], grad_rows[..., c_all:2 * c_all], grad_rows[..., 2 * c_all:]
+            grad_k_src = None
+        else:
+            grad_q, grad_v = grad_rows[..., :c_all], grad_rows[..., c_all:]
+            grad_k = q.new_empty(b, h * w, c_all)
+            grad_k_src = from_rows(grad_k, b, h, w)
+        torch.mul(q, coef_q.neg_(), out=grad_q)
+        torch.mul(k, coef_k.neg_(), out=grad_k)
+        for i in range(heads):
+            sl = slice(i * c, (i + 1) * c)
+            grad_q[..., sl].baddbmm_(k[..., sl], scaled[:, i].transpose(1, 2))
+            grad_k[..., sl].baddbmm_(q[..., sl], scaled[:, i])
+        torch.bmm(g, mix.transpose(1, 2), out=grad_v)
+        del qkv, q, k, v
+        if dw_weight is None:
+            return grad_qkv, None, None, grad_k_src, grad_t, grad_w, grad_b, grad_res, None, None
+        grad_src, grad_dw_w, grad_dw_b = _dwconv_backward(grad_qkv, src, dw_weight, dw_bias is not None, need_src,
+                                                          need_dw_w, need_dw_b)
+        return grad_src, grad_dw_w, grad_dw_b, grad_k_src, grad_t, grad_w, grad_b, grad_res, None, None
+
+
+class ProjectedAttention(nn.Module):
+    """Base of :class:`Attention` and VLU-Net's cross-attention: ``attend`` needs the subclass's
+    ``temperature``, ``num_heads`` and ``project_out``."""
+
+    def attend(self, src, dwconv, k_src, residual=None, scale=None, beta=1.0):
+        """Attention of the qkv map ``dwconv(src)`` (or qv map ``dwconv(src)`` and keys ``k_src``),
+        projected, scaled, added; ``dwconv`` the depthwise ``nn.Conv2d`` (recomputed in the backward
+        pass rather than stored)."""
+        if not use_fused(src):
+            src = dwconv(src)
+            if k_src is None:
+                q, k, v = src.chunk(3, dim=1)
+            else:
+                (q, v), k = src.chunk(2, dim=1), k_src
+            out = self.project_out(channel_attention(q, k, v, self.temperature, self.num_heads))
+            out = out if scale is None else scale * out
+            if residual is None:
+                return out
+            return residual + out if beta == 1 else out - residual if beta == -1 else out + beta * residual
+        weight, bias = _flat(self.project_out.weight), self.project_out.bias
+        if scale is not None:
+            weight = weight * scale
+            bias = None if bias is None else bias * scale
+        return ChannelAttention.apply(src, dwconv.weight, dwconv.bias, k_src, self.temperature, weight, bias, residual,
+                                      self.num_heads, float(beta))
+
+
+class Attention(ProjectedAttention):
+    """MDTA: multi-Dconv-head transposed self-attention (Restormer).
+
+    ``forward(x, residual=None, scale=None, norm=None, beta=1.0)``: ``project_out(attention)``,
+    multiplied by ``scale`` (a number or tensor, e.g. a learnt step size), plus ``beta * residual``
+    when a residual is given (``beta`` is 1 or -1 on the plain path).
+    """
 
     def __init__(self, dim, num_heads, bias):
         super().__init__()
@@ -69,13 +333,75 @@ class Attention(nn.Module):
         self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=bias)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
-    def forward(self, x):
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        return self.project_out(channel_attention(q, k, v, self.temperature, self.num_heads))
+    def forward(self, x, residual=None, scale=None, norm=None, beta=1.0):
+        """``norm``: a channel :class:`LayerNorm` applied to x first (fused with the qkv projection)."""
+        qkv = self.qkv(x) if norm is None else norm_conv1x1(norm, self.qkv, x)
+        return self.attend(qkv, self.qkv_dwconv, None, residual, scale, beta)
+
+
+# ------------------------------------------------------------------------------------------------
+# gated-Dconv feed-forward network
+
+
+class GatedLinear(torch.autograd.Function):
+    """``residual + conv1x1(gelu(a) * b)`` with (a, b) the channel halves of ``dwconv(src)``; keeps ``src`` only.
+
+    ``apply(src, dw_weight, dw_bias, weight, bias, residual)``: src (B, 2h, H, W) goes through the
+    depthwise convolution (``dw_weight``, ``dw_bias``; skipped if ``dw_weight`` is None); weight
+    (C_out, h); bias (C_out,) or None; residual (B, C_out, H, W) or None. Returns (B, C_out, H, W)
+    in channels_last. The depthwise convolution and the gate are recomputed in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, src, dw_weight, dw_bias, weight, bias, residual):
+        b, c2, h, w = src.shape
+        rows = to_rows(src if dw_weight is None else _dwconv(src, dw_weight, dw_bias))
+        hidden = F.gelu(rows[:, :c2 // 2]).mul_(rows[:, c2 // 2:])
+        del rows
+        if residual is None:
+            out = F.linear(hidden, weight, bias)
+        else:
+            out = torch.addmm(to_rows(residual), hidden, weight.t())
+            if bias is not None:
+                out.add_(bias)
+        ctx.save_for_backward(src, dw_weight, dw_bias, weight)
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        return from_rows(out, b, h, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        src, dw_weight, dw_bias, weight = ctx.saved_tensors
+        need_src, need_dw_w, need_dw_b, need_w, need_b, need_res = ctx.needs_input_grad
+        b, c2, h, w = src.shape
+        rows, g = to_rows(src if dw_weight is None else _dwconv(src, dw_weight, dw_bias)), to_rows(grad)
+        a, gate = rows[:, :c2 // 2], rows[:, c2 // 2:]
+        grad_src = grad_dw_w = grad_dw_b = grad_w = grad_b = None
+        gelu_a = F.gelu(a)
+        if need_w:
+            grad_w = g.t().mm(gelu_a * gate)
+        if need_b and ctx.has_bias:
+            grad_b = g.sum(0)
+        if need_src or need_dw_w or need_dw_b:
+            grad_hidden = g.mm(weight)
+            grad_rows = rows.new_empty(rows.shape)
+            torch.mul(grad_hidden, gelu_a, out=grad_rows[:, c2 // 2:])
+            del gelu_a
+            torch.ops.aten.gelu_backward.grad_input(grad_hidden.mul_(gate), a, grad_input=grad_rows[:, :c2 // 2])
+            del rows, a, gate, grad_hidden
+            grad_src = from_rows(grad_rows, b, h, w)
+            if dw_weight is not None:
+                grad_src, grad_dw_w, grad_dw_b = _dwconv_backward(grad_src, src, dw_weight, dw_bias is not None,
+                                                                  need_src, need_dw_w, need_dw_b)
+        return grad_src, grad_dw_w, grad_dw_b, grad_w, grad_b, (grad if ctx.has_residual and need_res else None)
 
 
 class FeedForward(nn.Module):
-    """GDFN: gated-Dconv feed-forward network, ``project_out(gelu(a) * b)`` with (a, b) = dwconv(project_in(x))."""
+    """GDFN: gated-Dconv feed-forward network, ``project_out(gelu(a) * b)`` with (a, b) = dwconv(project_in(x)).
+
+    ``forward(x, residual=None, norm=None)``: ``norm`` (a channel :class:`LayerNorm`) is applied to
+    x first, ``residual`` added to the result.
+    """
 
     def __init__(self, dim, ffn_expansion_factor, bias):
         super().__init__()
@@ -84,9 +410,14 @@ class FeedForward(nn.Module):
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=bias)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
-    def forward(self, x):
-        a, b = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(a) * b)
+    def forward(self, x, residual=None, norm=None):
+        hidden = self.project_in(x) if norm is None else norm_conv1x1(norm, self.project_in, x)
+        if not use_fused(x):
+            a, b = self.dwconv(hidden).chunk(2, dim=1)
+            out = self.project_out(F.gelu(a) * b)
+            return out if residual is None else residual + out
+        return GatedLinear.apply(hidden, self.dwconv.weight, self.dwconv.bias, _flat(self.project_out.weight),
+                                 self.project_out.bias, residual)
 
 
 class TransformerBlock(nn.Module):
@@ -100,14 +431,18 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+        x = self.attn(x, residual=x, norm=self.norm1)
+        return self.ffn(x, residual=x, norm=self.norm2)
 
 
 def transformer_blocks(num_blocks, dim, num_heads, ffn_expansion_factor, bias, LayerNorm_type):
     return nn.Sequential(*[
         TransformerBlock(dim, num_heads, ffn_expansion_factor, bias, LayerNorm_type) for _ in range(num_blocks)
     ])
+
+
+# ------------------------------------------------------------------------------------------------
+# embedding and resampling
 
 
 class OverlapPatchEmbed(nn.Module):

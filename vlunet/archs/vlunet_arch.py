@@ -24,14 +24,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from vlunet.archs.blocks import (Attention, Downsample, OverlapPatchEmbed, Upsample, channel_attention, crop_to,
+from vlunet.archs.blocks import (Attention, Downsample, OverlapPatchEmbed, ProjectedAttention, Upsample, crop_to,
                                  pad_to_multiple, transformer_blocks)
 
 CLIP_DIM = 512
 
 
-class CrossAttention(nn.Module):
-    """phi: transposed attention of the features (queries, values) against a prompt (keys)."""
+class CrossAttention(ProjectedAttention):
+    """phi: transposed attention of the features (queries, values) against a prompt (keys).
+
+    ``forward(x, prompt, residual=None, scale=None, beta=1.0)``: ``beta * residual + scale * phi(x,
+    prompt)`` (see :class:`~vlunet.archs.blocks.Attention`).
+    """
 
     def __init__(self, dim, num_heads, bias, prompt_dim):
         super().__init__()
@@ -43,10 +47,8 @@ class CrossAttention(nn.Module):
         self.k_dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=bias)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
-    def forward(self, x, prompt):
-        q, v = self.qv_dwconv(self.qv(x)).chunk(2, dim=1)
-        k = self.k_dwconv(self.k(prompt))
-        return self.project_out(channel_attention(q, k, v, self.temperature, self.num_heads))
+    def forward(self, x, prompt, residual=None, scale=None, beta=1.0):
+        return self.attend(self.qv(x), self.qv_dwconv, self.k_dwconv(self.k(prompt)), residual, scale, beta)
 
 
 class GradientStep(nn.Module):
@@ -82,8 +84,10 @@ class GradientStep(nn.Module):
         weights = self.type_weights(degradation, x.shape[0])
         # mixing before resizing equals resizing each component (bilinear resize is linear)
         prompt = torch.einsum('bk,kchw->bchw', weights.to(self.prompt_param.dtype), self.prompt_param[0])
-        prompt = F.interpolate(prompt, size=x.shape[-2:], mode='bilinear', align_corners=False)
-        return x - self.r * self.phit(self.phi(x, prompt) - y), weights
+        prompt = F.interpolate(prompt.contiguous(memory_format=torch.channels_last), size=x.shape[-2:],
+                               mode='bilinear', align_corners=False)
+        # phi(x, prompt) - y, then x - r * phiT(.): residuals and the step size ride on the output projections
+        return self.phit(self.phi(x, prompt, residual=y, beta=-1.0), residual=x, scale=-self.r), weights
 
 
 class UnfoldingStage(nn.Module):
@@ -176,7 +180,9 @@ class VLUNet(nn.Module):
     def forward(self, inp_img, degradation=None, return_stages=False):
         padded, size = pad_to_multiple(inp_img, 8)
         record = [] if return_stages else None
-        out = crop_to(self._unfold(padded, degradation, record), size)
+        # features run in channels_last (see vlunet.archs.blocks); the result is an ordinary NCHW tensor
+        out = crop_to(self._unfold(padded.contiguous(memory_format=torch.channels_last), degradation, record),
+                      size).contiguous()
         return (out, record) if return_stages else out
 
     def _unfold(self, img, e, record):
