@@ -91,13 +91,23 @@ def test_gated_linear_gradcheck(dw, bias, residual):
     src = _rand(2, 6, 3, 4)
     dw_w = None if dw is None else _rand(6, 1, 3, 3)
     dw_b = _rand(6) if dw == 'bias' else None
-    args = (src, dw_w, dw_b, _rand(2, 3), _rand(2) if bias else None, _rand(2, 2, 3, 4) if residual else None)
+    args = (src, dw_w, dw_b, _rand(2, 3), _rand(2) if bias else None, _rand(2, 2, 3, 4) if residual else None, 3)
     assert torch.autograd.gradcheck(GatedLinear.apply, args)
     a, b = _dw(src, dw_w, dw_b).chunk(2, dim=1)
     ref = F.conv2d(F.gelu(a) * b, args[3][..., None, None], args[4])
     if residual:
         ref = ref + args[5]
     torch.testing.assert_close(GatedLinear.apply(*args), ref, rtol=0, atol=1e-12)
+
+
+def test_gated_linear_ignores_padding_channels():
+    torch.manual_seed(0)
+    src = _rand(1, 8, 3, 4)  # 2h = 6 used, 2 padding channels
+    args = (src, _rand(8, 1, 3, 3), None, _rand(2, 3), None, None, 3)
+    assert torch.autograd.gradcheck(GatedLinear.apply, args)
+    a, b = _dw(src, args[1], None)[:, :6].chunk(2, dim=1)
+    torch.testing.assert_close(GatedLinear.apply(*args), F.conv2d(F.gelu(a) * b, args[3][..., None, None]),
+                               rtol=0, atol=1e-12)
 
 
 def _plain(fn):

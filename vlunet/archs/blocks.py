@@ -57,6 +57,12 @@ def _batched_rows(x):
     return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
+def linear_map(x, weight, bias=None):
+    """1x1 convolution of a (B, C, H, W) map with a (C_out, C) matrix, as a matrix product of pixel rows."""
+    b, _, h, w = x.shape
+    return from_rows(F.linear(to_rows(x), weight, bias), b, h, w)
+
+
 def _flat(weight):
     """(C_out, C_in, 1, 1) 1x1 convolution weight -> (C_out, C_in) matrix (a view)."""
     return weight.reshape(weight.shape[0], -1)
@@ -343,39 +349,47 @@ class Attention(ProjectedAttention):
 # gated-Dconv feed-forward network
 
 
-class GatedLinear(torch.autograd.Function):
-    """``residual + conv1x1(gelu(a) * b)`` with (a, b) the channel halves of ``dwconv(src)``; keeps ``src`` only.
+def _gelu_(x):
+    """In-place exact GELU of a contiguous tensor (GELU of a strided half-width view is ~3x slower on CPU)."""
+    return torch.ops.aten.gelu.out(x, out=x)
 
-    ``apply(src, dw_weight, dw_bias, weight, bias, residual)``: src (B, 2h, H, W) goes through the
-    depthwise convolution (``dw_weight``, ``dw_bias``; skipped if ``dw_weight`` is None); weight
-    (C_out, h); bias (C_out,) or None; residual (B, C_out, H, W) or None. Returns (B, C_out, H, W)
-    in channels_last. The depthwise convolution and the gate are recomputed in the backward pass.
+
+class GatedLinear(torch.autograd.Function):
+    """``residual + conv1x1(gelu(a) * b)`` with (a, b) = channels [0, h) and [h, 2h) of ``dwconv(src)``.
+
+    ``apply(src, dw_weight, dw_bias, weight, bias, residual, hidden)``: src (B, C_src, H, W),
+    C_src >= 2h (channels past 2h are padding, ignored), goes through the depthwise convolution
+    (``dw_weight``, ``dw_bias``; skipped if ``dw_weight`` is None); weight (C_out, h); bias (C_out,)
+    or None; residual (B, C_out, H, W) or None; ``hidden`` = h. Returns (B, C_out, H, W) in
+    channels_last. Keeps ``src`` only: the depthwise convolution and the gate are recomputed in the
+    backward pass.
     """
 
     @staticmethod
-    def forward(ctx, src, dw_weight, dw_bias, weight, bias, residual):
-        b, c2, h, w = src.shape
+    def forward(ctx, src, dw_weight, dw_bias, weight, bias, residual, hidden):
+        b, _, h, w = src.shape
         rows = to_rows(src if dw_weight is None else _dwconv(src, dw_weight, dw_bias))
-        hidden = F.gelu(rows[:, :c2 // 2]).mul_(rows[:, c2 // 2:])
+        gated = _gelu_(rows[:, :hidden].contiguous()).mul_(rows[:, hidden:2 * hidden])
         del rows
         if residual is None:
-            out = F.linear(hidden, weight, bias)
+            out = F.linear(gated, weight, bias)
         else:
-            out = torch.addmm(to_rows(residual), hidden, weight.t())
+            out = torch.addmm(to_rows(residual), gated, weight.t())
             if bias is not None:
                 out.add_(bias)
         ctx.save_for_backward(src, dw_weight, dw_bias, weight)
-        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+        ctx.hidden, ctx.has_bias, ctx.has_residual = hidden, bias is not None, residual is not None
         return from_rows(out, b, h, w)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         src, dw_weight, dw_bias, weight = ctx.saved_tensors
-        need_src, need_dw_w, need_dw_b, need_w, need_b, need_res = ctx.needs_input_grad
-        b, c2, h, w = src.shape
+        need_src, need_dw_w, need_dw_b, need_w, need_b, need_res = ctx.needs_input_grad[:6]
+        hidden = ctx.hidden
+        b, _, h, w = src.shape
         rows, g = to_rows(src if dw_weight is None else _dwconv(src, dw_weight, dw_bias)), to_rows(grad)
-        a, gate = rows[:, :c2 // 2], rows[:, c2 // 2:]
+        a, gate = rows[:, :hidden].contiguous(), rows[:, hidden:2 * hidden]
         grad_src = grad_dw_w = grad_dw_b = grad_w = grad_b = None
         gelu_a = F.gelu(a)
         if need_w:
@@ -383,17 +397,26 @@ class GatedLinear(torch.autograd.Function):
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)
         if need_src or need_dw_w or need_dw_b:
-            grad_hidden = g.mm(weight)
+            grad_gated = g.mm(weight)
             grad_rows = rows.new_empty(rows.shape)
-            torch.mul(grad_hidden, gelu_a, out=grad_rows[:, c2 // 2:])
+            grad_rows[:, 2 * hidden:] = 0
+            torch.mul(grad_gated, gelu_a, out=grad_rows[:, hidden:2 * hidden])
             del gelu_a
-            torch.ops.aten.gelu_backward.grad_input(grad_hidden.mul_(gate), a, grad_input=grad_rows[:, :c2 // 2])
-            del rows, a, gate, grad_hidden
+            torch.ops.aten.gelu_backward.grad_input(grad_gated.mul_(gate), a, grad_input=grad_rows[:, :hidden])
+            del rows, a, gate, grad_gated
             grad_src = from_rows(grad_rows, b, h, w)
             if dw_weight is not None:
                 grad_src, grad_dw_w, grad_dw_b = _dwconv_backward(grad_src, src, dw_weight, dw_bias is not None,
                                                                   need_src, need_dw_w, need_dw_b)
-        return grad_src, grad_dw_w, grad_dw_b, grad_w, grad_b, (grad if ctx.has_residual and need_res else None)
+        grad_res = grad if ctx.has_residual and need_res else None
+        return grad_src, grad_dw_w, grad_dw_b, grad_w, grad_b, grad_res, None
+
+
+def _pad_out_channels(tensor, pad):
+    """Zero output channels (dim 0) appended to a weight or bias; differentiable (the pad gets no gradient)."""
+    if tensor is None or not pad:
+        return tensor
+    return F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, pad))
 
 
 class FeedForward(nn.Module):
@@ -401,7 +424,13 @@ class FeedForward(nn.Module):
 
     ``forward(x, residual=None, norm=None)``: ``norm`` (a channel :class:`LayerNorm`) is applied to
     x first, ``residual`` added to the result.
+
+    On the fused path the 2h hidden channels are padded with zero channels to a multiple of
+    ``CHANNEL_ALIGN`` (zero rows of the ``project_in`` and ``dwconv`` weights): oneDNN's depthwise
+    convolution is up to ~1.6x faster on, e.g., 512 channels than on the published 510.
     """
+
+    CHANNEL_ALIGN = 16
 
     def __init__(self, dim, ffn_expansion_factor, bias):
         super().__init__()
@@ -411,13 +440,21 @@ class FeedForward(nn.Module):
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
     def forward(self, x, residual=None, norm=None):
-        hidden = self.project_in(x) if norm is None else norm_conv1x1(norm, self.project_in, x)
         if not use_fused(x):
-            a, b = self.dwconv(hidden).chunk(2, dim=1)
+            a, b = self.dwconv(self.project_in(x if norm is None else norm(x))).chunk(2, dim=1)
             out = self.project_out(F.gelu(a) * b)
             return out if residual is None else residual + out
-        return GatedLinear.apply(hidden, self.dwconv.weight, self.dwconv.bias, _flat(self.project_out.weight),
-                                 self.project_out.bias, residual)
+        hidden = self.project_out.weight.shape[1]
+        pad = -2 * hidden % self.CHANNEL_ALIGN
+        w_in = _pad_out_channels(_flat(self.project_in.weight), pad)
+        b_in = _pad_out_channels(self.project_in.bias, pad)
+        if norm is not None and norm.with_bias:
+            src = NormLinear.apply(x, norm.body.weight, norm.body.bias, w_in, b_in)
+        else:
+            src = linear_map(x if norm is None else norm(x), w_in, b_in)
+        return GatedLinear.apply(src, _pad_out_channels(self.dwconv.weight, pad),
+                                 _pad_out_channels(self.dwconv.bias, pad), _flat(self.project_out.weight),
+                                 self.project_out.bias, residual, hidden)
 
 
 class TransformerBlock(nn.Module):
