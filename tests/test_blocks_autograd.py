@@ -187,13 +187,21 @@ def test_no_grad_for_frozen_weights():
     assert x.grad is not None and all(p.grad is None for p in ffn.parameters())
 
 
-def test_vlunet_grads_match_plain_autograd():
+@pytest.mark.parametrize('arch, kwargs, size', [
+    ('VLUNet', TINY, (2, 3, 16, 24)),
+    ('Restormer', dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, bias=True), (1, 3, 16, 16)),
+    ('Restormer', dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, LayerNorm_type='BiasFree'),
+     (1, 3, 16, 16)),
+    ('PromptIR', dict(num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, decoder=True), (1, 3, 16, 16)),
+])
+def test_network_grads_match_plain_autograd(arch, kwargs, size):
     torch.manual_seed(0)
-    net = ARCH_REGISTRY.get('VLUNet')(**TINY).double()
-    x, e = torch.rand(2, 3, 16, 24, dtype=torch.float64), torch.randn(2, 512, dtype=torch.float64)
+    net = ARCH_REGISTRY.get(arch)(**kwargs).double()
+    x = torch.rand(*size, dtype=torch.float64)
+    args = (x, torch.randn(size[0], 512, dtype=torch.float64)) if arch == 'VLUNet' else (x, )
 
     def run():
-        out = net(x, e)
+        out = net(*args)
         loss = F.l1_loss(out, x)
         return out, torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
 

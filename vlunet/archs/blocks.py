@@ -39,7 +39,7 @@ NORM_EPS = 1e-12  # F.normalize's eps
 def use_fused(x):
     """True where the custom Functions apply: not under autocast (which keeps the plain path)."""
     device = x.device.type
-    return device == 'meta' or not torch.is_autocast_enabled(device)
+    return device != 'meta' and not torch.is_autocast_enabled(device)
 
 
 def to_rows(x):

@@ -26,7 +26,8 @@ class PromptGenBlock(nn.Module):
     def forward(self, x):
         weights = F.softmax(self.linear_layer(x.mean(dim=(-2, -1))), dim=1)
         prompt = torch.einsum('bk,kchw->bchw', weights, self.prompt_param[0])
-        prompt = F.interpolate(prompt, size=x.shape[-2:], mode='bilinear', align_corners=False)
+        prompt = F.interpolate(prompt.contiguous(memory_format=torch.channels_last), size=x.shape[-2:],
+                               mode='bilinear', align_corners=False)
         return self.conv3x3(prompt)
 
 
@@ -84,7 +85,8 @@ class PromptIR(nn.Module):
 
     def forward(self, inp_img):
         padded, size = pad_to_multiple(inp_img, 8)
-        return crop_to(self._forward(padded), size)
+        # features run in channels_last (see vlunet.archs.blocks); the result is an ordinary NCHW tensor
+        return crop_to(self._forward(padded.contiguous(memory_format=torch.channels_last)), size).contiguous()
 
     def _prompted(self, x, prompt, block, reduce):
         """Decoder prompt interaction: concat the generated prompt, a transformer block, 1x1 conv."""

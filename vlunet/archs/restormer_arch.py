@@ -47,7 +47,8 @@ class Restormer(nn.Module):
 
     def forward(self, inp_img):
         padded, size = pad_to_multiple(inp_img, 8)
-        return crop_to(self._forward(padded), size)
+        # features run in channels_last (see vlunet.archs.blocks); the result is an ordinary NCHW tensor
+        return crop_to(self._forward(padded.contiguous(memory_format=torch.channels_last)), size).contiguous()
 
     def _forward(self, img):
         embedded = self.patch_embed(img)
