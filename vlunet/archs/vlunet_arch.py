@@ -18,6 +18,8 @@ both 2-headed and bias-free. Attribute names are the published ones (``encoder_l
 ``down1_2``, ``latent``, ``reduce_chan_level3``, ``gradient_descent``, ``denoiser``, ...) so the
 published checkpoints load strictly.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,59 +125,96 @@ class ProximalStep(nn.Module):
         return self.blocks(x)
 
 
+class Level(NamedTuple):
+    """One unfolding stage of the U-shaped hierarchy (a row of :data:`HIERARCHY`)."""
+    name: str   # published attribute name of the stage
+    depth: int  # resolution 1/2**depth; picks heads[depth], num_blocks[depth] and the prompt stage depth + 1
+    width: int  # channels, in multiples of ``dim``
+
+
+# Algorithm 1's stages in execution order. Between two rows the features (and the observation
+# branch) move one level: down (``down{a}_{b}``, ``down{a}_{b}_i``) or up (``up{a}_{b}``,
+# ``up{a}_{b}_i``, then the skip of that level is concatenated and, except at level 1, reduced by
+# ``reduce_chan_level{b}`` / ``reduce_chan_level{b}_img``).
+HIERARCHY = (
+    Level('encoder_level1', 0, 1),
+    Level('encoder_level2', 1, 2),
+    Level('encoder_level3', 2, 4),
+    Level('latent', 3, 8),
+    Level('decoder_level3', 2, 4),
+    Level('decoder_level2', 1, 2),
+    Level('decoder_level1', 0, 2),  # skip concatenated, not reduced: twice the width of encoder_level1
+    Level('refinement', 0, 2),  # num_refinement_blocks
+)
+
+
+def level_moves():
+    """Per row of :data:`HIERARCHY`: (level, previous level, move into it: 'down', 'up' or None, module name)."""
+    prev = None
+    for level in HIERARCHY:
+        move = name = None
+        if prev is not None and level.depth != prev.depth:
+            move = 'down' if level.depth > prev.depth else 'up'
+            name = f'{move}{prev.depth + 1}_{level.depth + 1}'
+        yield level, prev, move, name
+        prev = level
+
+
 @ARCH_REGISTRY.register()
 class VLUNet(nn.Module):
-    """VLU-Net. Constructor arguments are the published ones (``de_dim`` = number of degradation
-    types = prompt-bank components; ``decoder`` and ``LayerNorm_type`` are accepted and, as
-    published, unused). ``use_checkpoint`` recomputes the proximal steps in the backward pass
-    (activation checkpointing: much less training memory, same results).
+    """VLU-Net with the published constructor arguments: ``de_dim`` (number of degradation types =
+    components of every prompt bank) first and required; ``bias`` reaches only the skip reductions
+    and the output convolution, as published; ``decoder`` and ``LayerNorm_type`` are accepted and,
+    as published, unused (the stages always use bias-free, WithBias-LayerNorm blocks).
+    ``use_checkpoint`` recomputes the proximal steps in the backward pass (activation
+    checkpointing: less training memory, same results and state_dict keys).
 
-    ``forward(inp_img, degradation, return_stages=False)``: ``inp_img`` (B, 3, H, W) of any size
-    (reflect-padded to a multiple of 8 inside and cropped back), ``degradation`` the (B, 512) CLIP
-    embedding or None. With ``return_stages`` also returns, per unfolding stage in execution order,
-    ``{'stage', 'weights' (B, K), 'after_gradient', 'after_proximal'}`` (feature maps; their
-    channel mean is a grey-level picture of the intermediate restoration).
+    ``forward(inp_img, degradation=None, return_stages=False)``: ``inp_img`` (B, C, H, W) of any
+    size (reflect-padded to a multiple of 8 inside and cropped back), ``degradation`` the (B, 512)
+    CLIP embedding, or None (uniform degradation weights, see :class:`GradientStep`). With
+    ``return_stages`` it returns ``(restored, stages)``: per unfolding stage in execution order a
+    dict ``{'stage': name, 'weights': (B, K) softmax weights of the degradation types,
+    'after_gradient': features after the gradient step, 'after_proximal': features after the
+    proximal step}`` (feature maps (B, C_l, H_l, W_l) at the stage's resolution, padded size; their
+    channel mean, contrast-stretched, is a grey-level picture of the intermediate restoration).
+    Recording costs nothing: the tensors are the ones the forward computes anyway.
+
+    The degradation-type parameters (grow with K) are ``<stage>.gradient_descent.prompt_param``
+    (1, K, C_p, S, S) and ``<stage>.gradient_descent.linear`` (K x 512); :meth:`gradient_steps`
+    lists them.
     """
 
-    # the U-shaped hierarchy: (stage name, stage index of its prompt size, width multiplier, level)
-    STAGES = (('encoder_level1', 1, 1, 0), ('encoder_level2', 2, 2, 1), ('encoder_level3', 3, 4, 2),
-              ('latent', 4, 8, 3), ('decoder_level3', 3, 4, 2), ('decoder_level2', 2, 2, 1),
-              ('decoder_level1', 1, 2, 0), ('refinement', 1, 2, None))
-
-    def __init__(self, de_dim=7, inp_channels=3, out_channels=3, dim=48, num_blocks=(4, 6, 6, 8),
+    def __init__(self, de_dim, inp_channels=3, out_channels=3, dim=48, num_blocks=(4, 6, 6, 8),
                  num_refinement_blocks=4, heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False,
                  LayerNorm_type='WithBias', decoder=False, use_checkpoint=False):
         super().__init__()
-
-        def stage(name):
-            _, index, mult, level = next(s for s in self.STAGES if s[0] == name)
-            blocks = num_refinement_blocks if level is None else num_blocks[level]
-            return UnfoldingStage(de_dim, index, blocks, dim * mult, heads[level or 0], ffn_expansion_factor,
-                                  use_checkpoint)
-
-        # modules are created in the published order, so state_dict keys come out in that order
         self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
         self.patch_embed_i = OverlapPatchEmbed(inp_channels, dim)  # embeds the observation y
         self.decoder = decoder
-        self.encoder_level1 = stage('encoder_level1')
-        self.down1_2, self.down1_2_i = Downsample(dim), Downsample(dim)  # down1_2_i: never used, as published
-        self.encoder_level2 = stage('encoder_level2')
-        self.down2_3, self.down2_3_i = Downsample(dim * 2), Downsample(dim * 2)
-        self.encoder_level3 = stage('encoder_level3')
-        self.down3_4, self.down3_4_i = Downsample(dim * 4), Downsample(dim * 4)
-        self.latent = stage('latent')
-        self.up4_3, self.up4_3_i = Upsample(dim * 8), Upsample(dim * 8)
-        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
-        self.reduce_chan_level3_img = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
-        self.decoder_level3 = stage('decoder_level3')
-        self.up3_2, self.up3_2_i = Upsample(dim * 4), Upsample(dim * 4)
-        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
-        self.reduce_chan_level2_img = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
-        self.decoder_level2 = stage('decoder_level2')
-        self.up2_1, self.up2_1_i = Upsample(dim * 2), Upsample(dim * 2)  # no channel reduction at level 1
-        self.decoder_level1 = stage('decoder_level1')
-        self.refinement = stage('refinement')
-        self.output = nn.Conv2d(dim * 2, out_channels, kernel_size=3, padding=1, bias=bias)
+        # modules are created in the published order, so state_dict keys come out in that order
+        for level, prev, move, name in level_moves():
+            if move == 'down':
+                # two of each; down1_2_i is never used (as published: y also goes through down1_2)
+                setattr(self, name, Downsample(dim * prev.width))
+                setattr(self, name + '_i', Downsample(dim * prev.width))
+            elif move == 'up':
+                setattr(self, name, Upsample(dim * prev.width))
+                setattr(self, name + '_i', Upsample(dim * prev.width))
+                if level.depth > 0:
+                    merged = dim * (prev.width // 2 + HIERARCHY[level.depth].width)  # upsampled + skip
+                    setattr(self, f'reduce_chan_level{level.depth + 1}',
+                            nn.Conv2d(merged, dim * level.width, kernel_size=1, bias=bias))
+                    setattr(self, f'reduce_chan_level{level.depth + 1}_img',
+                            nn.Conv2d(merged, dim * level.width, kernel_size=1, bias=bias))
+            blocks = num_refinement_blocks if level.name == 'refinement' else num_blocks[level.depth]
+            setattr(self, level.name, UnfoldingStage(de_dim, level.depth + 1, blocks, dim * level.width,
+                                                     heads[level.depth], ffn_expansion_factor, use_checkpoint))
+        self.output = nn.Conv2d(dim * HIERARCHY[-1].width, out_channels, kernel_size=3, padding=1, bias=bias)
+
+    def gradient_steps(self):
+        """``[(stage name, its GradientStep)]`` in execution order: the D-GDMs whose ``prompt_param``
+        and ``linear`` have one component / output per degradation type."""
+        return [(level.name, getattr(self, level.name).gradient_descent) for level in HIERARCHY]
 
     def forward(self, inp_img, degradation=None, return_stages=False):
         padded, size = pad_to_multiple(inp_img, 8)
@@ -186,25 +225,21 @@ class VLUNet(nn.Module):
         return (out, record) if return_stages else out
 
     def _unfold(self, img, e, record):
-
-        def run(name, x, y):
-            return getattr(self, name)(x, y, e, record, name)
-
-        x1, y1 = self.patch_embed(img), self.patch_embed_i(img)
-        x1 = run('encoder_level1', x1, y1)
-        # as published, the observation branch also goes through down1_2 (not down1_2_i)
-        y2 = self.down1_2(y1)
-        x2 = run('encoder_level2', self.down1_2(x1), y2)
-        y3 = self.down2_3_i(y2)
-        x3 = run('encoder_level3', self.down2_3(x2), y3)
-        y4 = self.down3_4_i(y3)
-        x4 = run('latent', self.down3_4(x3), y4)
-
-        y = self.reduce_chan_level3_img(torch.cat([self.up4_3_i(y4), y3], 1))
-        x = run('decoder_level3', self.reduce_chan_level3(torch.cat([self.up4_3(x4), x3], 1)), y)
-        y = self.reduce_chan_level2_img(torch.cat([self.up3_2_i(y), y2], 1))
-        x = run('decoder_level2', self.reduce_chan_level2(torch.cat([self.up3_2(x), x2], 1)), y)
-        y = torch.cat([self.up2_1_i(y), y1], 1)
-        x = run('decoder_level1', torch.cat([self.up2_1(x), x1], 1), y)
-        x = run('refinement', x, y)
+        """Algorithm 1 on an image whose sides are multiples of 8."""
+        x, y = self.patch_embed(img), self.patch_embed_i(img)  # estimate and observation, as features
+        skips = []  # (x, y) of every encoder level, for the decoder level of the same depth
+        for level, _, move, name in level_moves():
+            if move == 'down':
+                skips.append((x, y))
+                # as published, the observation branch goes through down1_2 as well (not down1_2_i)
+                down_y = getattr(self, name if name == 'down1_2' else name + '_i')
+                x, y = getattr(self, name)(x), down_y(y)
+            elif move == 'up':
+                skip_x, skip_y = skips.pop()
+                x = torch.cat([getattr(self, name)(x), skip_x], 1)
+                y = torch.cat([getattr(self, name + '_i')(y), skip_y], 1)
+                if level.depth > 0:
+                    x = getattr(self, f'reduce_chan_level{level.depth + 1}')(x)
+                    y = getattr(self, f'reduce_chan_level{level.depth + 1}_img')(y)
+            x = getattr(self, level.name)(x, y, e, record, level.name)  # gradient step, then proximal step
         return self.output(x) + img
