@@ -2,9 +2,11 @@
 """Speed and memory of the registered restoration architectures at full size.
 
 For each arch: parameters, GMACs of one 1x3x256x256 forward, forward latency at 1x3x256x256
-(no_grad), forward+backward latency with an L1 loss at 2x3x128x128 (median after warm-up), and
-peak memory of the forward+backward (CPU: increase of the peak resident set of a fresh process;
-CUDA: torch.cuda.max_memory_allocated). Every measurement runs in its own subprocess, so the
+(no_grad), forward+backward latency with an L1 loss at 2x3x128x128 (median and best after a
+warm-up step; also the process CPU time per step, steadier than wall-clock on a shared machine),
+and peak memory of the forward+backward steps (CPU: peak resident set minus the resident set once
+the network and inputs are built, in a fresh process; CUDA: torch.cuda.max_memory_allocated minus
+the memory allocated before the steps). Every measurement runs in its own subprocess, so the
 memory figures do not mix. Prints a Markdown table; ``--csv`` also writes CSV.
 
     python scripts/benchmark_archs.py                          # all archs, CPU, 2 threads
@@ -50,6 +52,15 @@ def _current_rss_mb():
     return float('nan')
 
 
+def _reset_peak_rss():
+    """Reset VmHWM to the current resident set (Linux >= 4.0); otherwise leave it."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
 def _build(name, reference=None):
     import torch
 
@@ -83,9 +94,10 @@ def _first(out):
 def measure(name, what, device, threads, repeats, reference=None, channels_last=False, checkpointing=False,
             save_output=None):
     """One measurement in this process; returns a dict (run in a fresh subprocess by main)."""
+    import gc
+
     import torch
     torch.set_num_threads(threads)
-    baseline = _current_rss_mb()
     net = _build(name, reference).to(device)
     if checkpointing and hasattr(net, 'refinement'):
         for m in net.modules():
@@ -113,20 +125,28 @@ def measure(name, what, device, threads, repeats, reference=None, channels_last=
     else:
         net.train()
         target, args = _inputs(name, 2, 128, device)
+        gc.collect()
         if device.startswith('cuda'):
             torch.cuda.reset_peak_memory_stats()
-        times = []
+            baseline = torch.cuda.memory_allocated() / 2**20
+        else:
+            baseline = _current_rss_mb()
+            _reset_peak_rss()  # building (e.g. both implementations for --reference) must not count
+        times, cpu_times = [], []
         for i in range(repeats + 1):  # the first is warm-up
             sync()
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             out = _first(net(*args))
             torch.nn.functional.l1_loss(out, target).backward()
             sync()
             if i:
                 times.append(time.perf_counter() - t)
+                cpu_times.append(time.process_time() - cpu)
+            del out
             net.zero_grad(set_to_none=True)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else _peak_rss_mb() - baseline)
-        result.update(train_step_s=statistics.median(times), train_step_best_s=min(times), peak_mb=peak)
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else _peak_rss_mb()) - baseline
+        result.update(train_step_s=statistics.median(times), train_step_best_s=min(times),
+                      train_step_cpu_s=statistics.median(cpu_times), peak_mb=peak)
     return result
 
 
@@ -190,22 +210,26 @@ def main(argv=None):
             print(f'[{label}] forward+backward 2x3x128x128 ...', file=sys.stderr, flush=True)
             step = _subprocess(dict(common, what='train'))
             rows.append({'arch': label, **static, 'forward_s': fwd['forward_s'], 'train_step_s': step['train_step_s'],
-                         'train_step_best_s': step['train_step_best_s'], 'peak_mb': step['peak_mb'],
-                         'output': out_path})
+                         'train_step_best_s': step['train_step_best_s'], 'train_step_cpu_s': step['train_step_cpu_s'],
+                         'peak_mb': step['peak_mb'], 'output': out_path})
 
     unit = f'{args.threads} CPU threads' if args.device == 'cpu' else args.device
     print(f'\n{unit}; median of {args.repeats} runs after warm-up; peak memory of the forward+backward step\n')
-    print('| arch | params (M) | GMACs@256 | forward 1x3x256² (s) | fwd+bwd 2x3x128² (s, best) | peak mem (MB) |')
-    print('|---|---|---|---|---|---|')
+    print('| arch | params (M) | GMACs@256 | forward 1x3x256² (s) | fwd+bwd 2x3x128² (s, best) | fwd+bwd CPU (s) '
+          '| peak mem (MB) |')
+    print('|---|---|---|---|---|---|---|')
     for r in rows:
         print(f'| {r["arch"]} | {r["params_M"]:.2f} | {r["gmacs_256"]:.1f} | {r["forward_s"]:.2f} | '
-              f'{r["train_step_s"]:.2f} ({r["train_step_best_s"]:.2f}) | {r["peak_mb"]:.0f} |')
+              f'{r["train_step_s"]:.2f} ({r["train_step_best_s"]:.2f}) | {r["train_step_cpu_s"]:.2f} | '
+              f'{r["peak_mb"]:.0f} |')
     pub = next((r for r in rows if r['arch'] == 'VLUNet (published)'), None)
     ours = next((r for r in rows if r['arch'] == 'VLUNet (vlunet)'), None)
     if pub and ours:
         diff = (torch.load(pub['output']) - torch.load(ours['output'])).abs().max().item()
         print(f'\nVLUNet vs published (same weights and inputs): fwd+bwd speed-up '
-              f'{pub["train_step_s"] / ours["train_step_s"]:.2f}x, forward speed-up '
+              f'{pub["train_step_s"] / ours["train_step_s"]:.2f}x '
+              f'(best {pub["train_step_best_s"] / ours["train_step_best_s"]:.2f}x, '
+              f'CPU time {pub["train_step_cpu_s"] / ours["train_step_cpu_s"]:.2f}x), forward speed-up '
               f'{pub["forward_s"] / ours["forward_s"]:.2f}x, peak memory {ours["peak_mb"] / pub["peak_mb"]:.2f}x; '
               f'max |output difference| {diff:.1e} (float32)')
     if args.csv:

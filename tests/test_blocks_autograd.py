@@ -234,7 +234,7 @@ def test_torch_compile_matches_eager():
     x, e = torch.rand(1, 3, 16, 16), torch.randn(1, 512)
     out = net(x, e)
     grads = torch.autograd.grad(out.square().mean(), list(net.parameters()), allow_unused=True)
-    compiled = torch.compile(net)
+    compiled = torch.compile(net, fullgraph=True)  # the Functions trace without graph breaks
     out_c = compiled(x, e)
     grads_c = torch.autograd.grad(out_c.square().mean(), list(net.parameters()), allow_unused=True)
     torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-5)

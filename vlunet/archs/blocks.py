@@ -63,6 +63,15 @@ def linear_map(x, weight, bias=None):
     return from_rows(F.linear(to_rows(x), weight, bias), b, h, w)
 
 
+def _into(dst, op, *args):
+    """``dst[...] = op(*args)`` for a strided view ``dst``: written in place (``out=``) in eager mode; a
+    temporary and a copy under ``torch.compile`` (Dynamo does not trace non-contiguous ``out=``)."""
+    if torch.compiler.is_compiling():
+        dst.copy_(op(*args))
+    else:
+        op(*args, out=dst)
+
+
 def _flat(weight):
     """(C_out, C_in, 1, 1) 1x1 convolution weight -> (C_out, C_in) matrix (a view)."""
     return weight.reshape(weight.shape[0], -1)
@@ -281,13 +290,13 @@ class ChannelAttention(torch.autograd.Function):
             grad_q, grad_v = grad_rows[..., :c_all], grad_rows[..., c_all:]
             grad_k = q.new_empty(b, h * w, c_all)
             grad_k_src = from_rows(grad_k, b, h, w)
-        torch.mul(q, coef_q.neg_(), out=grad_q)
-        torch.mul(k, coef_k.neg_(), out=grad_k)
+        _into(grad_q, torch.mul, q, coef_q.neg_())
+        _into(grad_k, torch.mul, k, coef_k.neg_())
         for i in range(heads):
             sl = slice(i * c, (i + 1) * c)
             grad_q[..., sl].baddbmm_(k[..., sl], scaled[:, i].transpose(1, 2))
             grad_k[..., sl].baddbmm_(q[..., sl], scaled[:, i])
-        torch.bmm(g, mix.transpose(1, 2), out=grad_v)
+        _into(grad_v, torch.bmm, g, mix.transpose(1, 2))
         del qkv, q, k, v
         if dw_weight is None:
             return grad_qkv, None, None, grad_k_src, grad_t, grad_w, grad_b, grad_res, None, None
@@ -354,6 +363,13 @@ def _gelu_(x):
     return torch.ops.aten.gelu.out(x, out=x)
 
 
+def _gelu_grad(grad, x, out=None):
+    """``grad * gelu'(x)`` (exact GELU)."""
+    if out is None:
+        return torch.ops.aten.gelu_backward(grad, x)
+    return torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=out)
+
+
 class GatedLinear(torch.autograd.Function):
     """``residual + conv1x1(gelu(a) * b)`` with (a, b) = channels [0, h) and [h, 2h) of ``dwconv(src)``.
 
@@ -400,9 +416,9 @@ class GatedLinear(torch.autograd.Function):
             grad_gated = g.mm(weight)
             grad_rows = rows.new_empty(rows.shape)
             grad_rows[:, 2 * hidden:] = 0
-            torch.mul(grad_gated, gelu_a, out=grad_rows[:, hidden:2 * hidden])
+            _into(grad_rows[:, hidden:2 * hidden], torch.mul, grad_gated, gelu_a)
             del gelu_a
-            torch.ops.aten.gelu_backward.grad_input(grad_gated.mul_(gate), a, grad_input=grad_rows[:, :hidden])
+            _into(grad_rows[:, :hidden], _gelu_grad, grad_gated.mul_(gate), a)
             del rows, a, gate, grad_gated
             grad_src = from_rows(grad_rows, b, h, w)
             if dw_weight is not None:
