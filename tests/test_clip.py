@@ -41,6 +41,13 @@ def test_vlunet_tiny_config_is_registered():
     assert cfg['embed_dim'] == 512 and cfg['text_cfg']['vocab_size'] == 49408 and cfg['text_cfg']['context_length'] == 77
 
 
+def test_vlunet_tiny_rn_config_builds_and_embeds():
+    assert open_clip.get_model_config('vlunet-tiny-rn')['embed_dim'] == 512
+    torch.manual_seed(0)
+    model = DegradationCLIP(clip_model='vlunet-tiny-rn', pretrained=None, prompts='NHR', freeze_backbone=False)
+    assert model(torch.rand(2, 3, 40, 56)).shape == (2, 512)
+
+
 def test_published_prompts_and_tokens():
     assert NHR_PROMPTS == ('image with noise', 'image with many noise', 'image with large amount of noise',
                            'image with haze', 'image with rain')

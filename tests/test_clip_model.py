@@ -180,3 +180,20 @@ def test_missing_loss_option_is_reported(tmp_path):
     del opt['train']['contrastive_opt']
     with pytest.raises(ValueError, match='train.contrastive_opt'):
         build_model(opt)
+
+
+def test_demo_option_file_trains_validates_and_saves_through_vlunet_train(tmp_path):
+    from conftest import REPO, run_cli
+    demo = os.path.join(REPO, 'options', 'train', 'CLIPAdapter_demo.yml')
+    proc = run_cli(['-m', 'vlunet.train', '-opt', demo, '--force_yml', 'train:total_iter=2', 'val:val_freq=2',
+                    'logger:save_checkpoint_freq=2', 'logger:use_tb_logger=false', 'logger:print_freq=1',
+                    'datasets:train:batch_size_per_gpu=2', 'datasets:train:gt_size=32'], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert 'Validation demo_val' in log and '# accuracy:' in log
+    assert '[5] image with low light' in log  # confusion matrix rows = the demo's prompts
+    models = tmp_path / 'experiments' / 'CLIPAdapter_demo' / 'models'
+    assert {'net_g_2.pth', 'clip_adapters_2.pth'} <= set(os.listdir(models))
+    assert (tmp_path / 'experiments' / 'CLIPAdapter_demo' / 'training_states' / '2.state').is_file()
+    state = torch.load(models / 'net_g_2.pth', weights_only=True)['params']
+    assert any(k.startswith('clip.') for k in state)  # trained-from-scratch backbone is saved with the adapters

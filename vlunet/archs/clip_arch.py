@@ -11,8 +11,11 @@ with VLU-Net (CVPR 2025):
 Each adapter is ``Sequential(Linear, LayerNorm, act, Linear, LayerNorm, act, Linear, LayerNorm)``
 (indices 0..7, width = CLIP embed_dim = 512), so the published ``clip_tuned.pth`` loads into it.
 
-Importing this module also registers the open_clip model config ``vlunet-tiny`` (512-d embedding,
-two-layer 64-wide towers; the standard CLIP tokenizer), for tests and the CPU demo.
+Importing this module also registers the open_clip model configs of ``clip_configs/`` (no weights;
+512-d embedding and the standard CLIP tokenizer, so adapters, VLUNet and prompts fit):
+``vlunet-tiny`` (two-layer 64-wide ViT and text towers; fast, for tests) and ``vlunet-tiny-rn`` (the
+same text tower with a small ResNet image tower, which learns to tell noise levels apart when trained
+from scratch; for the CPU demo).
 """
 import os
 from collections import OrderedDict
@@ -50,7 +53,7 @@ BACKBONE_PREFIX = 'clip.'
 
 
 def register_clip_configs(folder=CLIP_CONFIG_DIR):
-    """Make the model configs in ``folder`` (``vlunet-tiny``) known to ``open_clip.create_model``."""
+    """Make the model configs in ``folder`` (``vlunet-tiny``, ...) known to ``open_clip.create_model``."""
     names = [os.path.splitext(f)[0] for f in os.listdir(folder) if f.endswith('.json')]
     if any(name not in open_clip.list_models() for name in names):
         open_clip.add_model_config(folder)
