@@ -126,3 +126,14 @@ def test_bf16_autocast_runs():
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         out = net(torch.rand(1, 3, 16, 16), torch.randn(1, 512))
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(dim=8), r'dim must be an integer >= 10, got 8'),
+    (dict(de_dim=0), r'de_dim .* positive integer, got 0'),
+    (dict(heads=[1, 2, 4]), r'heads must list one value per resolution level \(4\)'),
+    (dict(dim=10, heads=[1, 3, 4, 8]), r'encoder_level2 has 20 channels .* heads\[1\]=3'),
+])
+def test_unbuildable_constructor_arguments_are_named(change, message):
+    with pytest.raises(ValueError, match=message):
+        ARCH_REGISTRY.get('VLUNet')(**{**TINY, **change})

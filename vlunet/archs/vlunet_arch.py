@@ -18,6 +18,7 @@ both 2-headed and bias-free. Attribute names are the published ones (``encoder_l
 ``down1_2``, ``latent``, ``reduce_chan_level3``, ``gradient_descent``, ``denoiser``, ...) so the
 published checkpoints load strictly.
 """
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -160,6 +161,24 @@ def level_moves():
         prev = level
 
 
+def _check_vlunet_args(de_dim, dim, num_blocks, heads):
+    """Reject constructor arguments the published network cannot be built from, naming the argument."""
+    if isinstance(de_dim, bool) or not isinstance(de_dim, numbers.Integral) or de_dim < 1:
+        raise ValueError(f'VLUNet: de_dim (number of degradation types) must be a positive integer, got {de_dim!r}')
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 10:
+        raise ValueError(f'VLUNet: dim must be an integer >= 10, got {dim!r} (the first gradient step has '
+                         f'int(dim // 10) prompt channels, which would be 0; the published model uses dim=48)')
+    levels = 1 + max(level.depth for level in HIERARCHY)
+    for name, value in (('num_blocks', num_blocks), ('heads', heads)):
+        if len(value) != levels:
+            raise ValueError(f'VLUNet: {name} must list one value per resolution level ({levels}), got {list(value)!r}')
+    for level in HIERARCHY:
+        width = dim * level.width
+        if width % heads[level.depth]:
+            raise ValueError(f'VLUNet: {level.name} has {width} channels (dim={dim} x {level.width}), not divisible '
+                             f'by its heads[{level.depth}]={heads[level.depth]}')
+
+
 @ARCH_REGISTRY.register()
 class VLUNet(nn.Module):
     """VLU-Net with the published constructor arguments: ``de_dim`` (number of degradation types =
@@ -188,6 +207,7 @@ class VLUNet(nn.Module):
                  num_refinement_blocks=4, heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False,
                  LayerNorm_type='WithBias', decoder=False, use_checkpoint=False):
         super().__init__()
+        _check_vlunet_args(de_dim, dim, num_blocks, heads)
         self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
         self.patch_embed_i = OverlapPatchEmbed(inp_channels, dim)  # embeds the observation y
         self.decoder = decoder
