@@ -17,6 +17,7 @@ Importing this module also registers the open_clip model configs of ``clip_confi
 same text tower with a small ResNet image tower, which learns to tell noise levels apart when trained
 from scratch; for the CPU demo).
 """
+import logging
 import os
 from collections import OrderedDict
 
@@ -50,6 +51,11 @@ PUBLISHED_ADAPTER_PREFIXES = OrderedDict([
     ('ad_textEncoder.adapter.', 'text_adapter.'),
 ])
 BACKBONE_PREFIX = 'clip.'
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record):
+        return 'Model initialized randomly' not in record.getMessage()
 
 
 def register_clip_configs(folder=CLIP_CONFIG_DIR):
@@ -131,7 +137,14 @@ def create_backbone(clip_model, pretrained, allow_download=False, cache_dir=None
         raise ValueError(f'DegradationCLIP: unknown clip_model {clip_model!r}; open_clip knows '
                          f'{open_clip.list_models()}')
     if pretrained in (None, '', 'none', 'None'):
-        return open_clip.create_model(clip_model, pretrained=None)
+        # random initialisation is what was asked for (weights usually follow from a checkpoint):
+        # drop open_clip's root-logger warning about it
+        quiet = _DropRandomInitWarning()
+        logging.getLogger().addFilter(quiet)
+        try:
+            return open_clip.create_model(clip_model, pretrained=None)
+        finally:
+            logging.getLogger().removeFilter(quiet)
     pretrained = os.path.expanduser(str(pretrained))
     if os.path.isfile(pretrained):
         return open_clip.create_model(clip_model, pretrained=pretrained)
