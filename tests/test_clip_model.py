@@ -1,5 +1,6 @@
 """CLIPAdapterModel: feed_data / optimize_parameters / validation / save on a tiny in-test dataset
 (random textures with noise, darkening or haze), vlunet-tiny CLIP, CPU, no downloads."""
+import json
 import logging
 import os
 
@@ -183,7 +184,8 @@ def test_missing_loss_option_is_reported(tmp_path):
 
 
 def test_demo_option_file_trains_validates_and_saves_through_vlunet_train(tmp_path):
-    from conftest import REPO, run_cli
+    """CLIPAdapter_demo.yml through vlunet-train, then the two-stage VLU-Net demo on what it wrote."""
+    from conftest import REPO, TINY_DEMO, run_cli
     demo = os.path.join(REPO, 'options', 'train', 'CLIPAdapter_demo.yml')
     proc = run_cli(['-m', 'vlunet.train', '-opt', demo, '--force_yml', 'train:total_iter=2', 'val:val_freq=2',
                     'logger:save_checkpoint_freq=2', 'logger:use_tb_logger=false', 'logger:print_freq=1',
@@ -197,3 +199,29 @@ def test_demo_option_file_trains_validates_and_saves_through_vlunet_train(tmp_pa
     assert (tmp_path / 'experiments' / 'CLIPAdapter_demo' / 'training_states' / '2.state').is_file()
     state = torch.load(models / 'net_g_2.pth', weights_only=True)['params']
     assert any(k.startswith('clip.') for k in state)  # trained-from-scratch backbone is saved with the adapters
+
+    # stage 2: VLU-Net with that CLIP frozen (options/train/VLUNet_demo_two_stage.yml), then its test file
+    stage2 = os.path.join(REPO, 'options', 'train', 'VLUNet_demo_two_stage.yml')
+    proc = run_cli(['-m', 'vlunet.train', '-opt', stage2, '--force_yml', 'train:total_iter=2',
+                    'logger:save_checkpoint_freq=2', *TINY_DEMO,
+                    'network_clip:load_path=experiments/CLIPAdapter_demo/models/net_g_2.pth'], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert 'Loaded CLIP weights from experiments/CLIPAdapter_demo/models/net_g_2.pth' in log
+    saved = set(os.listdir(tmp_path / 'experiments' / 'VLUNet_demo_two_stage' / 'models'))
+    assert 'net_g_latest.pth' in saved and not any(f.startswith('net_clip') for f in saved)  # CLIP stayed frozen
+    test_file = os.path.join(REPO, 'options', 'test', 'VLUNet_demo_two_stage.yml')
+    proc = run_cli(['-m', 'vlunet.test', '-opt', test_file, '--force_yml', 'network_g:dim=10', 'val:save_img=false',
+                    'network_clip:load_path=experiments/CLIPAdapter_demo/models/net_g_2.pth'], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / 'results' / 'VLUNet_demo_two_stage' / 'metrics.json') as f:
+        assert len(json.load(f)) == 6
+
+
+def test_two_stage_demo_without_the_clip_stage_names_what_to_run(tmp_path):
+    from conftest import REPO, TINY_DEMO, run_cli
+    stage2 = os.path.join(REPO, 'options', 'train', 'VLUNet_demo_two_stage.yml')
+    proc = run_cli(['-m', 'vlunet.train', '-opt', stage2, '--force_yml', 'train:total_iter=2', *TINY_DEMO], tmp_path)
+    assert proc.returncode != 0
+    assert 'network_clip.load_path: file not found: experiments/CLIPAdapter_demo/models/net_g_latest.pth' in proc.stderr
+    assert 'CLIPAdapter_demo.yml' in proc.stderr

@@ -97,6 +97,11 @@ class VLUNetModel(SRModel):
         net = build_network(clip_opt).to(self.device)
         logger = get_root_logger()
         if load_path is not None:
+            if not os.path.isfile(load_path):
+                raise FileNotFoundError(
+                    f'network_clip.load_path: file not found: {load_path} (expected the CLIP stage\'s output: '
+                    'train it first with a CLIPAdapterModel option file, e.g. options/train/CLIPAdapter_demo.yml '
+                    'or CLIPAdapter_NHR.yml, or point it at the published clip_tuned.pth)')
             net.load_adapters(load_path)
             logger.info(f'Loaded CLIP weights from {load_path}')
         trained_alongside = self.is_train and self.opt['train'].get('clip_opt') is not None
