@@ -91,6 +91,22 @@ def test_missing_option_file_is_named(tmp_path):
     assert proc.returncode == 2 and 'missing_test.yml' in proc.stderr
 
 
+def test_missing_inputs_are_listed_before_anything_is_created(tmp_path):
+    """Missing dataset roots and checkpoints (after --force_yml) are named up front; no folders are left."""
+    proc = run_cli(['-m', 'vlunet.train', '-opt', DEMO_TRAIN, '--force_yml', 'train:total_iter=2', *TINY_DEMO,
+                    'path:pretrain_network_g=weights/none.pth',
+                    'datasets:val_2:sources=[{"name": "x", "label": 1, "dataroot_gt": "data/nowhere"}]'], tmp_path)
+    assert proc.returncode == 2
+    assert 'path.pretrain_network_g: weights/none.pth' in proc.stderr
+    assert 'datasets.val_2.sources[0].dataroot_gt: data/nowhere' in proc.stderr
+    assert 'Preparing data' in proc.stderr and 'Nothing was created' in proc.stderr
+    assert os.listdir(tmp_path) == []
+    test_opt = os.path.join(os.path.dirname(DEMO_TRAIN), '..', 'test', 'VLUNet_demo.yml')
+    proc = run_cli(['-m', 'vlunet.test', '-opt', test_opt], tmp_path)  # no demo model trained here
+    assert proc.returncode == 2 and 'path.pretrain_network_g: experiments/VLUNet_demo/models/net_g_latest.pth' in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_basicsr_own_sr_recipe_still_trains_on_cpu(tmp_path, demo_images):
     """vlunet extends BasicSR and never narrows it: a stock SRModel/MSRResNet recipe with num_gpu 0."""
     import cv2

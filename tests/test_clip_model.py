@@ -222,6 +222,7 @@ def test_two_stage_demo_without_the_clip_stage_names_what_to_run(tmp_path):
     from conftest import REPO, TINY_DEMO, run_cli
     stage2 = os.path.join(REPO, 'options', 'train', 'VLUNet_demo_two_stage.yml')
     proc = run_cli(['-m', 'vlunet.train', '-opt', stage2, '--force_yml', 'train:total_iter=2', *TINY_DEMO], tmp_path)
-    assert proc.returncode != 0
-    assert 'network_clip.load_path: file not found: experiments/CLIPAdapter_demo/models/net_g_latest.pth' in proc.stderr
+    assert proc.returncode == 2
+    assert 'network_clip.load_path: experiments/CLIPAdapter_demo/models/net_g_latest.pth' in proc.stderr
     assert 'CLIPAdapter_demo.yml' in proc.stderr
+    assert os.listdir(tmp_path) == []  # refused before BasicSR created experiments/ or tb_logger/
