@@ -36,20 +36,24 @@ CONFIGS = {
 }
 
 
-def _peak_rss_mb():
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) / 1024
+def _proc_status_mb(field):
+    """A memory field of /proc/self/status (VmHWM: peak resident set, VmRSS: current) in MB; NaN elsewhere."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return float('nan')
+
+
+def _peak_rss_mb():
+    return _proc_status_mb('VmHWM')
 
 
 def _current_rss_mb():
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) / 1024
-    return float('nan')
+    return _proc_status_mb('VmRSS')
 
 
 def _reset_peak_rss():

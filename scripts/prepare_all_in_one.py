@@ -147,14 +147,16 @@ def by_stem(paths, problems, what):
     return table
 
 
-def match_pairs(lq, gt, problems, lq_what, gt_what, name=lambda key: key):
-    """Pair ``{key: path}`` tables; every file without a partner is a problem."""
+def match_pairs(lq, gt, problems, lq_what, gt_what, name=lambda key: key,
+                expected=lambda key, side: f'one named {key}.*'):
+    """Pair ``{key: path}`` tables; every file without a partner is a problem, naming the partner
+    ``expected(key, 'lq' | 'gt')`` that is missing."""
     items = []
     for key in sorted(set(lq) | set(gt)):
         if key not in gt:
-            problems.append(f'{lq[key]}: no matching {gt_what} image (expected one named {key}.*)')
+            problems.append(f'{lq[key]}: no matching {gt_what} image (expected {expected(key, "gt")})')
         elif key not in lq:
-            problems.append(f'{gt[key]}: no matching {lq_what} image (expected one named {key}.*)')
+            problems.append(f'{gt[key]}: no matching {lq_what} image (expected {expected(key, "lq")})')
         else:
             items.append(Item(name(key), gt[key], lq[key]))
     return items
@@ -219,15 +221,8 @@ def collect_derain(src, split, problems):
                 problems.append(f'{path}: same number {key} as {table[key]}; expected one file per number')
             else:
                 table[key] = path
-    items = []
-    for key in sorted(set(lq_table) | set(gt_table)):
-        if key not in gt_table:
-            problems.append(f'{lq_table[key]}: no matching clean image (expected norain-{key}.* under {src})')
-        elif key not in lq_table:
-            problems.append(f'{gt_table[key]}: no matching rainy image (expected rain-{key}.* under {src})')
-        else:
-            items.append(Item(key, gt_table[key], lq_table[key]))
-    return items
+    return match_pairs(lq_table, gt_table, problems, 'rainy', 'clean',
+                       expected=lambda key, side: f'{"norain" if side == "gt" else "rain"}-{key}.* under {src}')
 
 
 HAZY_DIRS = ('hazy', 'haze', 'synthetic', 'input')

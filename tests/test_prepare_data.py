@@ -458,3 +458,13 @@ def test_command_line_exit_codes_and_messages(tmp_path):
     assert res.stdout.split('\n')[2].split() == ['derain', 'train', '1', str(tmp_path / 'o' / 'derain' / 'train')]
     res = subprocess.run([sys.executable, SCRIPT, '--task', 'derain'], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and '--src' in res.stderr
+
+
+def test_rain100l_numbered_files_without_a_partner_are_named(prep, tmp_path):
+    for name in ('rain-1', 'norain-1', 'rain-2', 'norain-3'):
+        img(tmp_path / f'{name}.png')
+    problems = []
+    items = prep.collect_derain(str(tmp_path), 'train', problems)
+    assert len(items) == 1
+    assert problems == [f'{tmp_path}/rain-2.png: no matching clean image (expected norain-2.* under {tmp_path})',
+                        f'{tmp_path}/norain-3.png: no matching rainy image (expected rain-3.* under {tmp_path})']
