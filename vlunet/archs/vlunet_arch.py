@@ -29,8 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (Attention, Downsample, OverlapPatchEmbed, ProjectedAttention, Upsample, crop_to,
                                  pad_to_multiple, transformer_blocks)
-
-CLIP_DIM = 512
+from vlunet.archs.conditioning import CLIP_DIM, DEGRADATION_EMBEDDING
 
 
 class CrossAttention(ProjectedAttention):
@@ -202,6 +201,7 @@ class VLUNet(nn.Module):
     (1, K, C_p, S, S) and ``<stage>.gradient_descent.linear`` (K x 512); :meth:`gradient_steps`
     lists them.
     """
+    condition = DEGRADATION_EMBEDDING  # forward(img, CLIP image embedding): see vlunet.archs.conditioning
 
     def __init__(self, de_dim, inp_channels=3, out_channels=3, dim=48, num_blocks=(4, 6, 6, 8),
                  num_refinement_blocks=4, heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False,
