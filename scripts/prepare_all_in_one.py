@@ -40,7 +40,6 @@ pair's two files have different extensions (SOTS: hazy .jpg, clean .png): then b
 .png (decoded and re-encoded losslessly) so that input and target have identical names.
 """
 import argparse
-import io
 import os
 import re
 import shutil
@@ -49,11 +48,11 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
-import numpy as np
 import yaml
 from tqdm import tqdm
 
-IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+from vlunet.utils.image_io import ImageReadError, decode_image, is_image_file, read_file
+
 TASKS = ('denoise', 'derain', 'dehaze', 'deblur', 'lowlight')
 SPLITS = ('train', 'test')
 TEST_SET_NAMES = {'denoise': 'CBSD68', 'derain': 'Rain100L', 'dehaze': 'SOTS_outdoor', 'deblur': 'GoPro',
@@ -103,7 +102,7 @@ class Item:
 # finding files
 # ------------------------------------------------------------------------------------------------
 def is_image(name):
-    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith('.')
+    return is_image_file(name) and not name.startswith('.')
 
 
 def list_images(folder, recursive=True):
@@ -310,28 +309,11 @@ COLLECTORS = {
 # checking images
 # ------------------------------------------------------------------------------------------------
 def read_image(path):
-    """Decode ``path`` as the dataset does (cv2, unchanged); raise Problem if it cannot be read."""
+    """Decode ``path`` as the dataset does (vlunet.utils.image_io); raise Problem if it cannot be read."""
     try:
-        with open(path, 'rb') as f:
-            data = f.read()
-    except OSError as err:
-        raise Problem(f'{path}: cannot read ({err.strerror})') from None
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
-    if img is None:
-        raise Problem(f'{path}: cannot decode (corrupt or not an image file)')
-    if path.lower().endswith(('.jpg', '.jpeg')):
-        # libjpeg (used by cv2) silently fills in a truncated JPEG; Pillow reports it
-        try:
-            from PIL import Image
-        except ImportError:
-            Image = None
-        if Image is not None:
-            try:
-                with Image.open(io.BytesIO(data)) as pil:
-                    pil.load()
-            except Exception as err:  # truncated / corrupt entropy data
-                raise Problem(f'{path}: corrupt JPEG ({err})') from None
-    return img
+        return decode_image(read_file(path), path)
+    except ImageReadError as err:
+        raise Problem(str(err)) from None
 
 
 def inspect_image(path):

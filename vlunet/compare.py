@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from vlunet.utils.atomic import write_atomic, write_image_atomic, write_text_atomic
+
 GMAC_SIZE = 256
 
 
@@ -96,7 +98,7 @@ def to_markdown(rows, sets):
 
 
 def write_csv(path, rows, sets):
-    with open(path, 'w', newline='') as f:
+    def write(f):
         writer = csv.writer(f)
         header = ['method', 'params_M', 'gmacs_256']
         for s in sets + ['average']:
@@ -107,6 +109,8 @@ def write_csv(path, rows, sets):
             for s in sets + ['average']:
                 values += list(row[s])
             writer.writerow(['' if v is None else v for v in values])
+
+    write_atomic(path, write, binary=False)
 
 
 def _find_image(folder, stem, suffixes):
@@ -150,7 +154,7 @@ def image_grid(results, image_name, out_path, tile=192):
                                 '(run vlunet-test with val.save_img: true)')
     width = max(r.shape[1] for r in grid_rows)
     grid = np.vstack([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in grid_rows])
-    cv2.imwrite(out_path, grid)
+    write_image_atomic(out_path, grid)
     return out_path
 
 
@@ -177,9 +181,9 @@ def main(argv=None):
     table = to_markdown(rows, sets)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'comparison.md'), 'w') as f:
-        f.write(table + '\n\nPSNR in dB / SSIM as configured in each test option file (val.metrics); GMACs of '
-                'the restoration network alone for one 1x3x256x256 forward (the CLIP encoder is not counted).\n')
+    write_text_atomic(os.path.join(args.out, 'comparison.md'),
+                      table + '\n\nPSNR in dB / SSIM as configured in each test option file (val.metrics); GMACs of '
+                      'the restoration network alone for one 1x3x256x256 forward (the CLIP encoder is not counted).\n')
     write_csv(os.path.join(args.out, 'comparison.csv'), rows, sets)
     print(f'\nwrote {os.path.join(args.out, "comparison.md")} and comparison.csv')
     for name in args.images:

@@ -14,7 +14,6 @@ rename), so a failed run never leaves a partial file.
 import argparse
 import os
 import sys
-import tempfile
 from collections import OrderedDict
 
 import torch
@@ -22,6 +21,7 @@ import yaml
 
 import vlunet  # noqa: F401  (BasicSR fixes, registers our archs; must precede basicsr)  # isort: skip
 from basicsr.utils.registry import ARCH_REGISTRY  # isort: skip
+from vlunet.utils.atomic import write_all_atomic
 from vlunet.utils.checkpoint import CheckpointError, check_clip_adapters, guess_arch, load_published_state_dict
 
 PROG = 'vlunet-convert'
@@ -88,42 +88,13 @@ def _fmt_kwargs(kwargs):
     return ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _temp_save(obj, dst):
-    """torch.save ``obj`` to a new temporary file beside ``dst``; return its path."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(folder):
-        raise ConversionError(f'{dst}: the folder {folder} does not exist')
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(dst)}.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 def write_atomically(outputs):
-    """Write every ``(obj, path)``: all to temporary files first, then rename each into place."""
-    temps = []
-    try:
-        for obj, path in outputs:
-            temps.append((_temp_save(obj, path), path))
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    """``torch.save`` every ``(obj, path)``; all complete before any is renamed into place."""
+    for _, path in outputs:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ConversionError(f'{path}: the folder {folder} does not exist')
+    write_all_atomic([(path, lambda f, obj=obj: torch.save(obj, f)) for obj, path in outputs])
 
 
 def convert(src, dst, arch=None, arch_opts=None, clip_out=None, trust_pickle=False, log=print):

@@ -11,61 +11,11 @@ degradation-component weights it chose (VLU-Net).
 """
 import argparse
 import csv
-import json
 import os
 import sys
-import tempfile
 
-import cv2
-import numpy as np
-
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
-
-
-def read_image(path):
-    """(rgb float32 HxWx3 in [0,1], info) or None if the file is not a readable image."""
-    raw = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if raw is None or raw.ndim not in (2, 3) or raw.dtype not in (np.uint8, np.uint16):
-        return None
-    peak = 65535.0 if raw.dtype == np.uint16 else 255.0
-    info = {'dtype': raw.dtype, 'channels': 1 if raw.ndim == 2 else raw.shape[2], 'alpha': None}
-    img = raw.astype(np.float32) / peak
-    if raw.ndim == 2 or img.shape[2] == 1:
-        rgb = np.repeat(img.reshape(img.shape[0], img.shape[1], 1), 3, axis=2)
-        info['channels'] = 1
-    elif img.shape[2] == 4:
-        info['alpha'] = raw[..., 3]
-        rgb = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
-    else:
-        rgb = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
-    return rgb, info
-
-
-def to_original_kind(rgb, info):
-    """Restored RGB float image -> array of the input's channels and bit depth."""
-    peak = 65535.0 if info['dtype'] == np.uint16 else 255.0
-    rgb = np.clip(rgb, 0, 1)
-    if info['channels'] == 1:
-        out = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    else:
-        out = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        if info['alpha'] is not None:
-            out = np.dstack([out, info['alpha'].astype(np.float32) / peak])
-    return np.rint(out * peak).astype(info['dtype'])
-
-
-def write_image(path, img):
-    """Write atomically (temp file + rename): no half-written outputs."""
-    ext = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(suffix=ext, dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        if not cv2.imwrite(tmp, img):
-            raise OSError(f'OpenCV could not write {path}')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from vlunet.utils.atomic import write_atomic, write_image_atomic, write_json_atomic
+from vlunet.utils.image_io import ImageReadError, is_image_file, read_image, to_original_kind
 
 
 def list_inputs(input_path):
@@ -150,11 +100,13 @@ def main(argv=None):
 
     rows, skipped = [], []
     for path in tqdm(files, unit='image', desc='Restoring'):
-        loaded = read_image(path) if path.lower().endswith(IMAGE_EXTENSIONS) else None
-        if loaded is None:
+        try:
+            if not is_image_file(path):
+                raise ImageReadError(f'{path}: not an image file name')
+            rgb, info = read_image(path)
+        except ImageReadError:
             skipped.append(path)
             continue
-        rgb, info = loaded
         lq = torch.from_numpy(rgb.transpose(2, 0, 1).copy()).unsqueeze(0).to(device)
         with torch.no_grad():
             out = model.restore(lq, tile=args.tile, tile_overlap=args.tile_overlap)
@@ -164,7 +116,7 @@ def main(argv=None):
                 save_stage_grid(model, lq, os.path.join(args.output, f'{stem}_stages.png'))
         restored = out[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         name = os.path.basename(path)
-        write_image(os.path.join(args.output, name), to_original_kind(restored, info))
+        write_image_atomic(os.path.join(args.output, name), to_original_kind(restored, info))
         row = {'image': name, 'width': rgb.shape[1], 'height': rgb.shape[0],
                'top_type': max(probs, key=probs.get) if probs else ''}
         row.update({f'p({prompt})': round(p, 6) for prompt, p in probs.items()})
@@ -172,14 +124,16 @@ def main(argv=None):
 
     report = {'model': args.model or 'path.pretrain_network_g of ' + args.opt, 'images': rows,
               'skipped': [os.path.basename(p) for p in skipped]}
-    with open(os.path.join(args.output, 'report.json'), 'w') as f:
-        json.dump(report, f, indent=2)
+    write_json_atomic(os.path.join(args.output, 'report.json'), report)
     if rows:
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open(os.path.join(args.output, 'report.csv'), 'w', newline='') as f:
+
+        def write_csv(f):
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
+
+        write_atomic(os.path.join(args.output, 'report.csv'), write_csv, binary=False)
     print(f'restored {len(rows)} image(s) into {args.output}; report: report.csv, report.json')
     for path in skipped:
         print(f'skipped (not an image): {path}')

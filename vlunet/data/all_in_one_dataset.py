@@ -38,8 +38,7 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 
 from vlunet.data.degradations import apply_degradation, get_degradation
-
-IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+from vlunet.utils.image_io import ImageReadError, decode_image, is_image_file, raw_to_bgr_float
 
 
 PACKAGE_PREFIX = 'vlunet://'
@@ -64,17 +63,10 @@ def _read_image(file_client, path, client_key):
         raise DatasetError(f'image file not found: {path}') from None
     if buf is None:
         raise DatasetError(f'no entry {path!r} in LMDB {client_key!r}')
-    import cv2
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise DatasetError(f'cannot decode image {path} (corrupt or not an image file)')
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    img = img.astype(np.float32) / scale
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    elif img.shape[2] == 4:
-        img = img[..., :3]
-    return img
+    try:
+        return raw_to_bgr_float(decode_image(buf, path))
+    except ImageReadError as err:
+        raise DatasetError(str(err)) from None
 
 
 class _Source:
@@ -132,7 +124,7 @@ class _Source:
             return names
         else:
             lists = {
-                k: sorted(p for p in scandir(root, recursive=True) if p.lower().endswith(IMG_EXTENSIONS))
+                k: sorted(p for p in scandir(root, recursive=True) if is_image_file(p))
                 for k, root in self.roots.items()
             }
         if self.paired:

@@ -23,6 +23,8 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from vlunet.utils.atomic import torch_save_atomic
+
 METRICS = {'accuracy': 'higher'}  # metric name -> which direction is better
 
 
@@ -212,7 +214,7 @@ class CLIPAdapterModel(BaseModel):
     def save_adapters(self, current_iter):
         name = 'latest' if current_iter == -1 else current_iter
         path = os.path.join(self.opt['path']['models'], f'clip_adapters_{name}.pth')
-        torch.save({'learnable_params': self.get_bare_model(self.net_g).adapter_state_dict()}, path)
+        torch_save_atomic({'learnable_params': self.get_bare_model(self.net_g).adapter_state_dict()}, path)
         return path
 
     def resume_training(self, resume_state):

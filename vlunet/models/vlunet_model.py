@@ -38,10 +38,11 @@ from basicsr.losses import build_loss
 from basicsr.metrics import calculate_metric
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
+from vlunet.utils.atomic import write_image_atomic, write_json_atomic
 from vlunet.utils.checkpoint import load_published_state_dict
 from vlunet.utils.tiling import crop_to, pad_to_multiple, tiled_forward
 from vlunet.utils.widening import count_degradation_types, widen_state_dict
@@ -50,13 +51,6 @@ from vlunet.utils.widening import count_degradation_types, widen_state_dict
 def _first(output):
     """The restored image of a network output (DGUNet-style lists hold the final stage first)."""
     return output[0] if isinstance(output, (list, tuple)) else output
-
-
-def write_json_atomic(path, data):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 @MODEL_REGISTRY.register()
@@ -88,7 +82,7 @@ class VLUNetModel(SRModel):
                 'network_clip': self.opt['network_clip'].get('type') if self.opt.get('network_clip') else None,
                 'pretrain_network_g': self.opt['path'].get('pretrain_network_g')}
         os.makedirs(self.opt['path']['results_root'], exist_ok=True)
-        write_json_atomic(os.path.join(self.opt['path']['results_root'], 'model.json'), info)
+        write_json_atomic(os.path.join(self.opt['path']['results_root'], 'model.json'), info, sort_keys=True)
 
     # ------------------------------------------------------------------ networks
     def _build_clip(self, clip_opt):
@@ -329,7 +323,7 @@ class VLUNetModel(SRModel):
         else:
             suffix = suffix or self.opt['val'].get('suffix') or self.opt['name']
             path = os.path.join(vis, dataset_name, f'{name}_{suffix}.png')
-        imwrite(img, path)
+        write_image_atomic(path, img)
 
     def _update_metrics_json(self, dataset_name, averages, count, seconds):
         path = os.path.join(self.opt['path']['results_root'], 'metrics.json')
@@ -340,7 +334,7 @@ class VLUNetModel(SRModel):
         entry = {k: round(v, 6) for k, v in averages.items()}
         entry.update(images=count, seconds=round(seconds, 3))
         data[dataset_name] = entry
-        write_json_atomic(path, data)
+        write_json_atomic(path, data, sort_keys=True)
 
     # ------------------------------------------------------------------ saving
     def save(self, epoch, current_iter):

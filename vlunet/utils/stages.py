@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import torch
 
+from vlunet.utils.atomic import write_image_atomic
+
 TILE = 128
 BAR_W = 220
 LABEL_H = 18
@@ -86,6 +88,5 @@ def save_stage_grid(model, lq, path):
     names = list(model.net_clip.prompts) if model.net_clip is not None else [f'type {i}' for i in range(k)]
     names = [n.replace('image with ', '') for n in names][:k]
     grid = stage_grid(lq[0], restored[0].clamp(0, 1), stages, names)
-    if not cv2.imwrite(path, grid):
-        raise OSError(f'could not write {path}')
+    write_image_atomic(path, grid)
     return path
