@@ -38,6 +38,40 @@ def test_every_option_file_parses_and_names_registered_types():
                 assert {'crop_border', 'test_y_channel'} <= set(metric), f'{path}: state crop_border, test_y_channel'
 
 
+PUBLISHED_METRICS = {'psnr': {'type': 'calculate_psnr_skimage', 'crop_border': 0, 'test_y_channel': False},
+                     'ssim': {'type': 'calculate_ssim_skimage', 'crop_border': 0, 'test_y_channel': False}}
+
+
+def _noise_types(opt):
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if 'degradation' in node and node['degradation'].get('type', '').startswith('gaussian_noise'):
+                found.append(node['degradation']['type'])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(opt.get('datasets'))
+    return found
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(REPO, 'options', '*', '*_NHR*.yml'))))
+def test_every_nhr_nhrbl_file_declares_the_published_protocol(path):
+    opt = _load(path)
+    with open(path) as f:
+        header = [line for line in f if line.startswith('#')]
+    assert any(line.startswith('# Protocol: published') for line in header), f'{path}: no "# Protocol:" line'
+    noise = _noise_types(opt)
+    assert noise and set(noise) == {'gaussian_noise_uint8'}, f'{path}: noise sources must use the published rule'
+    if opt['model_type'] == 'VLUNetModel':
+        assert opt['val']['metrics'] == PUBLISHED_METRICS, path
+        assert opt['val']['center_crop_multiple'] == 16, path
+
+
 @pytest.mark.parametrize('setting', SETTINGS)
 def test_four_methods_share_one_protocol(setting):
     opts = {m: _load(os.path.join(REPO, 'options', 'train', f'{m}_{setting}.yml')) for m in METHODS}

@@ -5,5 +5,5 @@ registers every architecture, dataset, loss and model of the package in BasicSR'
 """
 # isort: off
 from . import compat  # noqa: F401  (must run before anything imports basicsr)
-from . import archs, data, losses, models  # noqa: F401
+from . import archs, data, losses, metrics, models  # noqa: F401
 from .version import __version__  # noqa: F401

@@ -35,6 +35,93 @@ def load_result(result_dir):
             'metrics': _load_json(metrics_path), 'model': model}
 
 
+class ProtocolMismatch(ValueError):
+    """Two result folders were measured under different protocols (the message says how)."""
+
+
+def _canonical(value):
+    return json.dumps(value, sort_keys=True)
+
+
+def _differences(a, b, prefix=''):
+    """``['key: A vs B', ...]`` for the entries in which two protocol dicts differ."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if _canonical(a) == _canonical(b) else [f'{prefix or "protocol"}: {_short(a)} vs {_short(b)}']
+    lines = []
+    for key in list(a) + [k for k in b if k not in a]:
+        lines += _differences(a.get(key), b.get(key), f'{prefix}.{key}' if prefix else key)
+    return lines
+
+
+def _short(value):
+    return 'not recorded' if value is None else json.dumps(value, sort_keys=True)
+
+
+def check_protocols(results):
+    """Refuse to compare folders whose common validation sets were measured differently.
+
+    A set's protocol is what ``vlunet-test`` recorded next to its numbers (metric types with their
+    options, crop rule, noise/synthetic degradations and seed); folders written before protocols
+    were recorded count as "not recorded", which differs from every recorded protocol.
+    """
+    first_seen = {}
+    for r in results:
+        for set_name, entry in r['metrics'].items():
+            protocol = entry.get('protocol') if isinstance(entry, dict) else None
+            if set_name not in first_seen:
+                first_seen[set_name] = (r, protocol)
+                continue
+            other, other_protocol = first_seen[set_name]
+            diffs = _differences(other_protocol, protocol)
+            if diffs:
+                raise ProtocolMismatch(
+                    f'{other["dir"]} and {r["dir"]} measured {set_name} under different protocols, so their numbers '
+                    'cannot stand in one table:\n' + '\n'.join(f'  {d}' for d in diffs) +
+                    '\nRe-run vlunet-test for both with the same val.metrics, val.center_crop_multiple and test sets '
+                    '(the shipped NHR/NHRBL test files share one protocol per setting).')
+    return {name: protocol for name, (_, protocol) in first_seen.items()}
+
+
+def _fmt_metric(name, opt):
+    opts = ', '.join(f'{k}={v}' for k, v in opt.items() if k != 'type')
+    return f'{name} = {opt.get("type")}({opts})'
+
+
+def _fmt_degradations(entries):
+    parts = []
+    for e in entries:
+        params = ', '.join(f'{k} {v}' for k, v in e.items() if k not in ('source', 'type', 'seed', 'seeding'))
+        seed = f', seed {e["seed"]}' if 'seed' in e else ''
+        parts.append(f'{e.get("type")} ({params}{seed})' if params else f'{e.get("type")}{seed}')
+    return '; '.join(parts)
+
+
+def describe_protocols(protocols):
+    """Lines that say how the table's numbers were measured (printed under it)."""
+    recorded = {name: p for name, p in protocols.items() if p}
+    if not recorded:
+        return ['Protocol: not recorded in these metrics.json files (written by an older vlunet-test).']
+    lines = []
+    shared = {_canonical((p.get('metrics'), p.get('crop'))) for p in recorded.values()}
+    groups = [list(recorded)] if len(shared) == 1 else [[n] for n in recorded]
+    for names in groups:
+        p = recorded[names[0]]
+        where = '' if len(groups) == 1 else f' ({names[0]})'
+        metrics = '; '.join(_fmt_metric(n, o) for n, o in (p.get('metrics') or {}).items())
+        lines.append(f'Protocol{where}: {metrics or "no metrics"}; crop: {p.get("crop", "none")}.')
+    seeded = []
+    for name, p in recorded.items():
+        for key in ('noise', 'synthetic'):
+            if p.get(key):
+                seeded.append(f'{name}: {key} {_fmt_degradations(p[key])}')
+    if seeded:
+        lines.append('Degraded inputs made on the fly (identical for every method): ' + '; '.join(seeded) + '.')
+    missing = [name for name, p in protocols.items() if not p]
+    if missing:
+        lines.append(f'Protocol not recorded for: {", ".join(missing)}.')
+    return lines
+
+
 def count_gmacs(network_opt, size=GMAC_SIZE):
     """Multiply-accumulates (G) of one forward at 1x3xsize x size, counted on the meta device."""
     import torch
@@ -177,13 +264,19 @@ def main(argv=None):
     if not results:
         print('error: none of the given folders holds a metrics.json written by vlunet-test', file=sys.stderr)
         return 2
+    try:
+        protocols = check_protocols(results)
+    except ProtocolMismatch as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 3
     rows, sets = build_table(results, with_gmacs=not args.no_gmacs)
     table = to_markdown(rows, sets)
-    print(table)
+    notes = describe_protocols(protocols)
+    print(table + '\n\n' + '\n'.join(notes))
     os.makedirs(args.out, exist_ok=True)
     write_text_atomic(os.path.join(args.out, 'comparison.md'),
-                      table + '\n\nPSNR in dB / SSIM as configured in each test option file (val.metrics); GMACs of '
-                      'the restoration network alone for one 1x3x256x256 forward (the CLIP encoder is not counted).\n')
+                      table + '\n\n' + '\n\n'.join(notes) + '\n\nPSNR in dB / SSIM; GMACs of the restoration '
+                      'network alone for one 1x3x256x256 forward (the CLIP encoder is not counted).\n')
     write_csv(os.path.join(args.out, 'comparison.csv'), rows, sets)
     print(f'\nwrote {os.path.join(args.out, "comparison.md")} and comparison.csv')
     for name in args.images:

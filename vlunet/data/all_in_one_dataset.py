@@ -37,7 +37,7 @@ from basicsr.utils import FileClient, img2tensor, scandir
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 
-from vlunet.data.degradations import apply_degradation, get_degradation
+from vlunet.data.degradations import NOISE_DEGRADATIONS, apply_degradation, get_degradation
 from vlunet.utils.image_io import ImageReadError, decode_image, is_image_file, raw_to_bgr_float
 
 
@@ -223,6 +223,23 @@ class AllInOneDataset(data.Dataset):
         top, left = np.random.randint(0, h - size + 1), np.random.randint(0, w - size + 1)
         crop = (slice(top, top + size), slice(left, left + size))
         return np.ascontiguousarray(gt[crop]), (None if lq is None else np.ascontiguousarray(lq[crop]))
+
+    def protocol(self):
+        """How the degraded images of this set are made, for ``metrics.json``: ``{'noise': ...,
+        'synthetic': ...}``, each None or a list of ``{source, type, **params, seed, seeding}``
+        (``noise``: the Gaussian-noise sources; ``synthetic``: other on-the-fly degradations).
+        Paired sources read their degraded images from disk and appear in neither."""
+        found = {'noise': [], 'synthetic': []}
+        for src in self.sources:
+            if src.degradation is None:
+                continue
+            entry = {'source': src.name, **dict(src.degradation)}
+            if self.phase == 'train':
+                entry['seeding'] = 'random (training)'
+            else:
+                entry.update(seed=self.seed, seeding="per image: numpy default_rng([seed, crc32('<source>/<file>')])")
+            found['noise' if entry.get('type') in NOISE_DEGRADATIONS else 'synthetic'].append(entry)
+        return {key: value or None for key, value in found.items()}
 
     def labels(self):
         """Label of every item, in order (for class-balanced samplers and statistics)."""

@@ -46,6 +46,23 @@ def gaussian_noise(img, rng, sigma=25):
     return img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(sigma / 255.0)
 
 
+@DEGRADATION_REGISTRY.register()
+def gaussian_noise_uint8(img, rng, sigma=25):
+    """The published denoising rule of PromptIR, VLU-Net, AdaIR, MoCE-IR and DFPIR (training and
+    test): ``np.clip(clean + randn(shape) * sigma, 0, 255).astype(np.uint8)`` on the 8-bit clean
+    image, i.e. float64 Gaussian noise, clipped, then TRUNCATED (not rounded) to 8 bits.
+
+    ``img`` is taken as an 8-bit image (values k / 255); ``sigma`` is on the 0..255 scale. Unlike
+    :func:`gaussian_noise` (float noise, no quantisation) the result is an 8-bit image again.
+    """
+    clean = np.rint(img.astype(np.float64) * 255.0)
+    noisy = np.clip(clean + rng.standard_normal(img.shape) * float(sigma), 0, 255).astype(np.uint8)
+    return noisy.astype(np.float32) / np.float32(255.0)
+
+
+NOISE_DEGRADATIONS = ('gaussian_noise', 'gaussian_noise_uint8')
+
+
 def _line_kernel(length, angle_deg):
     """A normalised 2-D line kernel (motion blur along ``angle_deg``)."""
     length = max(1, int(round(length)))

@@ -39,13 +39,21 @@ from basicsr.metrics import calculate_metric
 from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, tensor2img
-from basicsr.utils.registry import MODEL_REGISTRY
+from basicsr.utils.registry import METRIC_REGISTRY, MODEL_REGISTRY
 from tqdm import tqdm
 
 from vlunet.utils.atomic import write_image_atomic, write_json_atomic
 from vlunet.utils.checkpoint import load_published_state_dict
-from vlunet.utils.tiling import crop_to, pad_to_multiple, tiled_forward
+from vlunet.utils.tiling import center_crop_to_multiple, crop_to, pad_to_multiple, tiled_forward
 from vlunet.utils.widening import count_degradation_types, widen_state_dict
+
+
+def _float_hwc(tensor):
+    """(C, H, W) tensor -> H x W x C float numpy array (float32 unless it was float64), unclipped."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype != torch.float64:
+        tensor = tensor.float()
+    return tensor.numpy().transpose(1, 2, 0)
 
 
 def _first(output):
@@ -244,18 +252,41 @@ class VLUNetModel(SRModel):
             self.model_ema(decay=self.ema_decay)
 
     # ------------------------------------------------------------------ inference
-    def restore(self, lq, net=None, tile=None, tile_overlap=16):
-        """Restore a (B,3,H,W) batch in [0,1]: pad to a multiple of 8 (or tile), run, crop back."""
+    def records_stages(self, net=None):
+        """Whether the network returns its unfolding stages (``forward(..., return_stages=True)``: VLUNet)."""
+        import inspect
+        forward = self.get_bare_model(net or self.net_g).forward
+        return 'return_stages' in inspect.signature(forward).parameters
+
+    def restore(self, lq, net=None, tile=None, tile_overlap=16, embedding=None, return_stages=False):
+        """Restore a (B,3,H,W) batch in [0,1]: pad to a multiple of 8 (or tile), run, crop back.
+
+        ``embedding``: the CLIP embedding of ``lq`` when the caller already has it (it is computed
+        here otherwise). ``return_stages``: return ``(restored, stages)``, the unfolding stages that
+        this same forward recorded (``VLUNet(..., return_stages=True)``), or ``stages = None`` when
+        the network records none or the image ran as several tiles (no second forward is made).
+        """
         net = net or (self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
-        embedding = self.degradation_embedding(lq)
+        if embedding is None:
+            embedding = self.degradation_embedding(lq)
+        record = return_stages and self.records_stages(net)
+        recorded = []
 
         def fn(x):
+            if record:
+                out, stages = net(x, embedding, return_stages=True)
+                recorded.append(stages)
+                return _first(out)
             return _first(self.run_network(net, x, embedding))
 
         if tile:
-            return tiled_forward(fn, lq, tile, tile_overlap)
-        padded, size = pad_to_multiple(lq, 8)
-        return crop_to(fn(padded), size)
+            out = tiled_forward(fn, lq, tile, tile_overlap)
+        else:
+            padded, size = pad_to_multiple(lq, 8)
+            out = crop_to(fn(padded), size)
+        if not return_stages:
+            return out
+        return out, (recorded[0] if len(recorded) == 1 else None)
 
     def test(self):
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
@@ -267,35 +298,63 @@ class VLUNetModel(SRModel):
         if was_training:
             net.train()
 
+    def validation_protocol(self, dataset):
+        """How this model measures ``dataset`` (recorded per val set in ``metrics.json``): the metric
+        types with their options, the crop rule and the noise/synthetic degradations with their seed."""
+        val_opt = self.opt.get('val') or {}
+        crop = val_opt.get('center_crop_multiple')
+        protocol = {'metrics': {name: dict(opt) for name, opt in (val_opt.get('metrics') or {}).items()},
+                    'crop': f'center crop to a multiple of {crop}' if crop else 'none'}
+        describe = getattr(dataset, 'protocol', None)
+        protocol.update(describe() if callable(describe) else {'noise': None, 'synthetic': None})
+        return protocol
+
+    def _evaluation_inputs(self, val_data):
+        """Feed a validation batch; with ``val.center_crop_multiple`` crop input and target first (the
+        published test crops both to a multiple of 16 before the network and measures the crops)."""
+        self.feed_data(val_data)
+        multiple = (self.opt.get('val') or {}).get('center_crop_multiple')
+        if multiple:
+            self.lq = center_crop_to_multiple(self.lq, int(multiple))
+            if hasattr(self, 'gt'):
+                self.gt = center_crop_to_multiple(self.gt, int(multiple))
+
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
         metrics_opt = self.opt['val'].get('metrics') or {}
         if metrics_opt:
             self._initialize_best_metric_results(dataset_name)
+        # metrics marked float_input (vlunet.metrics) see the float images, BasicSR's the 8-bit ones
+        float_input = {name: getattr(METRIC_REGISTRY.get(opt['type']), 'float_input', False)
+                       for name, opt in metrics_opt.items()}
         sums = {name: 0.0 for name in metrics_opt}
         sums.update({f'input_{name}': 0.0 for name in metrics_opt})
         seconds, count = 0.0, 0
         pbar = tqdm(total=len(dataloader), unit='image', desc=f'Val {dataset_name}') if self.opt['val'].get(
             'pbar', True) else None
         for val_data in dataloader:
-            self.feed_data(val_data)
+            self._evaluation_inputs(val_data)
             start = time.perf_counter()
             self.test()
             seconds += time.perf_counter() - start
             for i in range(self.lq.shape[0]):
                 name = os.path.splitext(os.path.basename(val_data['lq_path'][i]))[0]
-                restored = tensor2img([self.output[i].detach().cpu()])
-                degraded = tensor2img([self.lq[i].detach().cpu()])
+                images = {'restored': self.output[i], 'degraded': self.lq[i]}
                 if hasattr(self, 'gt'):
-                    gt = tensor2img([self.gt[i].detach().cpu()])
+                    images['gt'] = self.gt[i]
+                u8 = {k: tensor2img([v.detach().cpu()]) for k, v in images.items()}
+                as_float = {k: _float_hwc(v) for k, v in images.items()} if any(float_input.values()) else {}
+                if 'gt' in images:
                     for metric, opt_ in metrics_opt.items():
-                        sums[metric] += calculate_metric({'img': restored, 'img2': gt}, opt_)
-                        sums[f'input_{metric}'] += calculate_metric({'img': degraded, 'img2': gt}, opt_)
+                        imgs = as_float if float_input[metric] else u8
+                        sums[metric] += calculate_metric({'img': imgs['restored'], 'img2': imgs['gt']}, opt_)
+                        sums[f'input_{metric}'] += calculate_metric({'img': imgs['degraded'], 'img2': imgs['gt']},
+                                                                    opt_)
                 if save_img:
-                    self._save_image(restored, dataset_name, name, current_iter)
-                    if not self.opt['is_train'] and hasattr(self, 'gt'):  # for side-by-side grids
-                        self._save_image(degraded, dataset_name, name, current_iter, suffix='lq')
-                        self._save_image(gt, dataset_name, name, current_iter, suffix='gt')
+                    self._save_image(u8['restored'], dataset_name, name, current_iter)
+                    if not self.opt['is_train'] and 'gt' in images:  # for side-by-side grids
+                        self._save_image(u8['degraded'], dataset_name, name, current_iter, suffix='lq')
+                        self._save_image(u8['gt'], dataset_name, name, current_iter, suffix='gt')
                 count += 1
             if pbar:
                 pbar.update(1)
@@ -313,7 +372,8 @@ class VLUNetModel(SRModel):
             get_root_logger().info('\t degraded input: ' + ', '.join(
                 f'{k}: {averages["input_" + k]:.4f}' for k in metrics_opt))
         if not self.opt['is_train']:
-            self._update_metrics_json(dataset_name, averages, count, seconds)
+            self._update_metrics_json(dataset_name, averages, count, seconds,
+                                      self.validation_protocol(dataloader.dataset))
         return averages
 
     def _save_image(self, img, dataset_name, name, current_iter, suffix=None):
@@ -325,14 +385,14 @@ class VLUNetModel(SRModel):
             path = os.path.join(vis, dataset_name, f'{name}_{suffix}.png')
         write_image_atomic(path, img)
 
-    def _update_metrics_json(self, dataset_name, averages, count, seconds):
+    def _update_metrics_json(self, dataset_name, averages, count, seconds, protocol):
         path = os.path.join(self.opt['path']['results_root'], 'metrics.json')
         data = {}
         if os.path.isfile(path):
             with open(path) as f:
                 data = json.load(f)
         entry = {k: round(v, 6) for k, v in averages.items()}
-        entry.update(images=count, seconds=round(seconds, 3))
+        entry.update(images=count, seconds=round(seconds, 3), protocol=protocol)
         data[dataset_name] = entry
         write_json_atomic(path, data, sort_keys=True)
 

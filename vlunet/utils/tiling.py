@@ -21,6 +21,17 @@ def pad_to_multiple(x, multiple=8, mode='reflect', minimum=0):
     return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
 
 
+def center_crop_to_multiple(x, multiple):
+    """Crop the last two dims of ``x`` to a multiple of ``multiple``, as the published all-in-one
+    test scripts do (``crop_img(image, base=16)``): ``h % multiple`` rows are removed, ``h % multiple
+    // 2`` of them at the top, the rest at the bottom; the same for columns (481x321 -> 480x320)."""
+    h, w = x.shape[-2:]
+    dh, dw = h % multiple, w % multiple
+    if h - dh < 1 or w - dw < 1:
+        raise ValueError(f'a {w}x{h} image is smaller than the crop multiple {multiple}')
+    return x[..., dh // 2:h - dh + dh // 2, dw // 2:w - dw + dw // 2]
+
+
 def crop_to(x, size):
     """Inverse of :func:`pad_to_multiple` (works on tensors and on lists of tensors)."""
     h, w = size
