@@ -163,18 +163,29 @@ def norm_conv1x1(norm, conv, x):
 # transposed (channel) attention
 
 
-def channel_attention(q, k, v, temperature, heads):
+def keep_largest(scores, keep=None):
+    """``scores`` with all but the ``keep`` largest entries of every row (last dim) set to -inf, so
+    that a softmax over the row ignores them; the kept entries are the ones ``torch.topk`` picks
+    (ties included). ``keep`` None: ``scores`` unchanged."""
+    if keep is None:
+        return scores
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, torch.topk(scores, keep, dim=-1).indices, True)
+    return scores.masked_fill(~kept, float('-inf'))
+
+
+def channel_attention(q, k, v, temperature, heads, keep=None):
     """Transposed (channel) attention of MDTA: softmax(norm(q) norm(k)^T * t) v, per head.
 
     q, v: (B, C, H, W); k: (B, C, H', W') with H'W' = HW. Attention maps are C/heads x C/heads, so
-    the cost is linear in the number of pixels. The plain autograd formulation (the published
+    the cost is linear in the number of pixels. ``keep``: softmax over only the ``keep`` largest
+    scores of every row (:func:`keep_largest`). The plain autograd formulation (the published
     one); :class:`ChannelAttention` is the fused equivalent.
     """
     b, c, h, w = q.shape
     q = F.normalize(q.reshape(b, heads, c // heads, h * w), dim=-1)
     k = F.normalize(k.reshape(b, heads, c // heads, -1), dim=-1)
     v = v.reshape(b, heads, c // heads, h * w)
-    attn = (q @ k.transpose(-2, -1)) * temperature
+    attn = keep_largest((q @ k.transpose(-2, -1)) * temperature, keep)
     return (attn.softmax(dim=-1) @ v).reshape(b, c, h, w)
 
 
@@ -203,12 +214,14 @@ def _split_qkv(src, k_src):
 class ChannelAttention(torch.autograd.Function):
     """``beta * residual + project_out(channel_attention(q, k, v)) (+ bias)`` in one Function.
 
-    ``apply(src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta)``:
+    ``apply(src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta, keep=None)``:
     ``src`` goes through the depthwise convolution (``dw_weight``, ``dw_bias``; skipped if
     ``dw_weight`` is None). With ``k_src`` None, that gives the (B, 3C, H, W) qkv map (q, k, v = its
     thirds); otherwise the (B, 2C, H, W) qv map, ``k_src`` being the (B, C, H, W) keys. ``weight``
     (C_out, C) is the output 1x1 projection, ``bias`` (C_out,) or None, ``residual`` (B, C_out, H, W)
-    or None, ``beta`` a number. Returns (B, C_out, H, W) in channels_last.
+    or None, ``beta`` a number, ``keep`` None or the number of largest scores of every row that the
+    softmax keeps (:func:`keep_largest`; the others get zero weight and zero gradient). Returns
+    (B, C_out, H, W) in channels_last.
 
     Forward: per head, ``S = t * (q^T k) / (|q| |k|^T)`` (C/heads square), ``P = softmax(S)``; then
     ``out = v @ M`` with ``M = blockdiag(P^T) @ W^T`` (C x C_out per image). Saved: the inputs, P,
@@ -217,7 +230,7 @@ class ChannelAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta):
+    def forward(ctx, src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta, keep=None):
         b, _, h, w = src.shape
         qkv = src if dw_weight is None else _dwconv(src, dw_weight, dw_bias)
         q, k, v = _split_qkv(qkv, k_src)
@@ -229,7 +242,7 @@ class ChannelAttention(torch.autograd.Function):
                             for i in range(heads)], 1)  # (B, heads, c, c)
         denom = q_norm.clamp_min(NORM_EPS).view(b, heads, c, 1) * k_norm.clamp_min(NORM_EPS).view(b, heads, 1, c)
         cosine = gram.div_(denom)
-        attn = torch.softmax(cosine * temperature, dim=-1)
+        attn = torch.softmax(keep_largest(cosine * temperature, keep), dim=-1)
         w_heads = weight.view(c_out, heads, c).permute(1, 2, 0)  # (heads, c, C_out)
         mix = torch.matmul(attn.transpose(-1, -2), w_heads).reshape(b, c_all, c_out)
         if residual is None:
@@ -272,7 +285,7 @@ class ChannelAttention(torch.autograd.Function):
         grad_t = (grad_s * cosine).sum((0, 2, 3)).view_as(temperature) if need_t else None
         grad_cos = grad_s.mul_(temperature)
         if not (need_src or need_dw_w or need_dw_b or need_k):
-            return None, None, None, None, grad_t, grad_w, grad_b, grad_res, None, None
+            return None, None, None, None, grad_t, grad_w, grad_b, grad_res, None, None, None
 
         # cosine = (q^T k) / (|q| |k|^T) with F.normalize's clamp of the norms at eps
         dq, dk = q_norm.clamp_min(NORM_EPS), k_norm.clamp_min(NORM_EPS)
@@ -299,10 +312,10 @@ class ChannelAttention(torch.autograd.Function):
         _into(grad_v, torch.bmm, g, mix.transpose(1, 2))
         del qkv, q, k, v
         if dw_weight is None:
-            return grad_qkv, None, None, grad_k_src, grad_t, grad_w, grad_b, grad_res, None, None
+            return grad_qkv, None, None, grad_k_src, grad_t, grad_w, grad_b, grad_res, None, None, None
         grad_src, grad_dw_w, grad_dw_b = _dwconv_backward(grad_qkv, src, dw_weight, dw_bias is not None, need_src,
                                                           need_dw_w, need_dw_b)
-        return grad_src, grad_dw_w, grad_dw_b, grad_k_src, grad_t, grad_w, grad_b, grad_res, None, None
+        return grad_src, grad_dw_w, grad_dw_b, grad_k_src, grad_t, grad_w, grad_b, grad_res, None, None, None
 
 
 class ProjectedAttention(nn.Module):
