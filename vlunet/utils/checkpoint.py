@@ -254,6 +254,11 @@ def _guess_restormer(params):
                 dual_pixel_task='skip_conv.weight' in params)
 
 
+def _guess_dfpir(params):
+    # ``device`` and ``dual_pixel_task`` change nothing in the published network: not in the weights.
+    return dict(_restormer_family(params, '{}.', bias_key=None), LayerNorm_type=_layer_norm_type(params))
+
+
 def _dgunet_common(params):
     first = params['shallow_feat1.0.weight']
     n_feat = first.shape[0]
@@ -272,6 +277,7 @@ def _guess_dgunet(params):
 # (arch name, keys that identify it, kwargs from shapes); the first match wins.
 _SIGNATURES = (
     ('VLUNet', ('patch_embed_i.proj.weight', 'encoder_level1.gradient_descent.prompt_param'), _guess_vlunet),
+    ('DFPIR', ('patch_embed.proj.weight', 'latent_shuffle_channel.linear_layer3.weight'), _guess_dfpir),  # < Restormer
     ('PromptIR', ('prompt1.prompt_param', 'patch_embed.proj.weight'), _guess_promptir),
     ('Restormer', ('patch_embed.proj.weight', 'encoder_level1.0.attn.qkv.weight'), _guess_restormer),
     ('DGUNet', ('basic.r1', 'shallow_feat1.0.weight', 'concat67.weight'), _guess_dgunet),
