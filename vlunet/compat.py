@@ -137,6 +137,66 @@ def fix_distributed_init():
     dist_util._init_dist_pytorch = _init_dist_pytorch
 
 
+def _slurm_master_addr(node_list):
+    """The job's first host, as ``scontrol show hostnames NODE_LIST`` expands ``node[01-04]``.
+
+    ``MASTER_ADDR``, when already set (e.g. exported by the sbatch script, or where the compute
+    nodes have no ``scontrol``), wins. scontrol runs without a shell, so brackets in the node list
+    are not glob patterns.
+    """
+    import subprocess
+    if os.environ.get('MASTER_ADDR'):
+        return os.environ['MASTER_ADDR']
+    try:
+        proc = subprocess.run(['scontrol', 'show', 'hostnames', node_list], capture_output=True, text=True)
+    except OSError as err:
+        raise RuntimeError(f'--launcher slurm: cannot run scontrol ({err}) to find the first host of '
+                           f'SLURM_NODELIST={node_list!r}; set MASTER_ADDR to it instead') from None
+    hosts = proc.stdout.split()
+    if proc.returncode != 0 or not hosts:
+        raise RuntimeError(f'--launcher slurm: `scontrol show hostnames {node_list}` gave no host '
+                           f'(exit status {proc.returncode}: {proc.stderr.strip()!r}); set MASTER_ADDR instead')
+    return hosts[0]
+
+
+def fix_slurm_init():
+    """Symptom: ``--launcher slurm`` on a CPU machine dies with ZeroDivisionError
+    (``SLURM_PROCID % device_count()``) or NCCL errors; on several GPU nodes every task after
+    the first node asks for a GPU by its global rank.
+
+    basicsr's ``_init_dist_slurm`` always asks for NCCL and picks the GPU as ``SLURM_PROCID %
+    device_count()``. Use gloo when CUDA is unavailable, the given backend (nccl) otherwise, and
+    take the device from ``SLURM_LOCALID`` (the task's rank on its node, set by srun), as
+    ``--launcher pytorch`` does with LOCAL_RANK. The rest is BasicSR's: ``RANK`` = SLURM_PROCID,
+    ``WORLD_SIZE`` = SLURM_NTASKS, ``MASTER_ADDR`` = first host of SLURM_NODELIST, ``MASTER_PORT``
+    = ``dist_params.port``, else the environment's MASTER_PORT, else 29500.
+    """
+    import torch.distributed as dist
+    from basicsr.utils import dist_util
+
+    def _init_dist_slurm(backend='nccl', port=None):
+        proc_id = int(os.environ['SLURM_PROCID'])
+        ntasks = int(os.environ['SLURM_NTASKS'])
+        node_list = os.environ.get('SLURM_NODELIST') or os.environ['SLURM_JOB_NODELIST']
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get('SLURM_LOCALID', proc_id % torch.cuda.device_count()))
+            torch.cuda.set_device(local_rank)
+        else:
+            local_rank = int(os.environ.get('SLURM_LOCALID', 0))
+            backend = 'gloo'
+        if port is not None:
+            os.environ['MASTER_PORT'] = str(port)
+        else:
+            os.environ.setdefault('MASTER_PORT', '29500')
+        os.environ['MASTER_ADDR'] = _slurm_master_addr(node_list)
+        os.environ['WORLD_SIZE'] = str(ntasks)
+        os.environ['RANK'] = str(proc_id)
+        os.environ['LOCAL_RANK'] = str(local_rank)
+        dist.init_process_group(backend=backend)
+
+    dist_util._init_dist_slurm = _init_dist_slurm
+
+
 def fix_ddp_device_ids():
     """Symptom: with ``--launcher pytorch`` on CPU, DistributedDataParallel fails on CUDA device ids.
 
@@ -355,6 +415,7 @@ def apply():
     fix_unsafe_yaml()
     fix_local_rank_argument()
     fix_distributed_init()
+    fix_slurm_init()
     fix_ddp_device_ids()
     fix_resume_state_loading()
     fix_flags_under_path()
