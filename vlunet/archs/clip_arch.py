@@ -29,6 +29,9 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from vlunet.utils.checkpoint import (PUBLISHED_ADAPTER_PREFIXES, CheckpointError, adapters_to_our_names,
+                                     load_published_state_dict)
+
 CLIP_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'clip_configs')
 
 # Degradation prompts of the published CLIP fine-tuning; the index of a prompt is the class label.
@@ -45,11 +48,6 @@ NHRBL_PROMPTS = NHR_PROMPTS + (
 )
 PROMPT_SETS = {'NHR': NHR_PROMPTS, 'NHRBL': NHRBL_PROMPTS}
 
-# Parameter-name prefixes of the published checkpoint (clip_tuned.pth 'learnable_params') -> ours.
-PUBLISHED_ADAPTER_PREFIXES = OrderedDict([
-    ('ad_imageEncoder.adapter.', 'image_adapter.'),
-    ('ad_textEncoder.adapter.', 'text_adapter.'),
-])
 BACKBONE_PREFIX = 'clip.'
 
 
@@ -300,17 +298,26 @@ class DegradationCLIP(nn.Module):
         at every call, so they follow the training adapter)."""
         return self.text_adapter(self.encode_text())
 
-    def logits(self, img, normalize=False):
-        """Image-text similarities (B, K): image_features @ text_features.T (cosine if ``normalize``)."""
-        img_feats, txt_feats = self(img, return_text_features=True)
+    @staticmethod
+    def similarities(img_feats, txt_feats, normalize=False):
+        """(B, K) = img_feats @ txt_feats.T (cosine if ``normalize``)."""
         if normalize:
             img_feats = nn.functional.normalize(img_feats, dim=-1)
             txt_feats = nn.functional.normalize(txt_feats, dim=-1)
         return img_feats @ txt_feats.t()
 
+    def logits(self, img, normalize=False):
+        """Image-text similarities (B, K): image_features @ text_features.T (cosine if ``normalize``)."""
+        return self.similarities(*self(img, return_text_features=True), normalize)
+
+    def classify_embedding(self, embedding, normalize=False):
+        """Probabilities (B, K) of each degradation type for image embeddings (B, 512) that
+        ``forward`` already returned (e.g. the one VLU-Net was given): no second image encoding."""
+        return self.similarities(embedding, self.text_features(), normalize).softmax(dim=-1)
+
     def classify(self, img, normalize=False):
-        """Probabilities (B, K) of each degradation type: softmax over ``logits(img)``; rows sum to 1."""
-        return self.logits(img, normalize).softmax(dim=-1)
+        """Probabilities (B, K) of each degradation type of ``img``; rows sum to 1."""
+        return self.classify_embedding(self(img), normalize)
 
     # ---------------------------------------------------------------- checkpoints
     def adapter_state_dict(self):
@@ -326,13 +333,27 @@ class DegradationCLIP(nn.Module):
     def load_adapters(self, path):
         """Load adapters from a checkpoint file; returns the list of loaded keys (our naming).
 
-        Accepts the published ``clip_tuned.pth`` (``{'learnable_params': {ad_imageEncoder.adapter.N.*,
-        ad_textEncoder.adapter.N.*}}``), BasicSR checkpoints (``{'params': state_dict}``) of a whole
-        DegradationCLIP or of its adapters only, or a bare state_dict. All 24 adapter tensors must be
-        present. A backbone stored in the file (``clip.*``, e.g. a demo model trained from scratch)
-        is loaded too. Anything else in the state_dict is an error.
+        Accepts every layout :func:`vlunet.utils.checkpoint.load_published_state_dict` reads: the
+        published ``clip_tuned.pth`` (``{'learnable_params': {ad_imageEncoder.adapter.N.*,
+        ad_textEncoder.adapter.N.*}}``), a VLU-Net Lightning checkpoint (its ``model_degradation``
+        adapters), BasicSR checkpoints (``{'params': state_dict}``) of a whole DegradationCLIP or of
+        its adapters only, or a bare state_dict. See :meth:`load_adapter_state`.
         """
-        state = _read_state_dict(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'DegradationCLIP.load_adapters: no such file: {path}')
+        try:
+            ckpt = load_published_state_dict(path)
+        except CheckpointError as err:
+            raise ValueError(f'DegradationCLIP.load_adapters: {err}') from None
+        state = ckpt.clip_adapters if ckpt.clip_adapters is not None else ckpt.params
+        return self.load_adapter_state(state, path)
+
+    def load_adapter_state(self, state, source='state_dict'):
+        """Load the 24 adapter tensors (published or our names) and, when present, a stored backbone
+        (``clip.*``, e.g. a demo model trained from scratch); ``source`` names them in errors.
+        All 24 adapter tensors must be present; anything else is an error."""
+        path = source
+        state = adapters_to_our_names(state)
         own = {k: v for k, v in super().state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
         own_backbone = self.clip.state_dict()
         adapters = {k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}
@@ -364,31 +385,6 @@ class DegradationCLIP(nn.Module):
                 {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}, strict=True)
         self._clear_text_cache()
         return sorted(adapters) + sorted(BACKBONE_PREFIX + k for k in backbone)
-
-
-def _read_state_dict(path):
-    """Tensors of a checkpoint file under our names (published adapter names translated)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'DegradationCLIP.load_adapters: no such file: {path}')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f'DegradationCLIP.load_adapters({path}): expected a dict checkpoint, got {type(ckpt)}')
-    for key in ('learnable_params', 'params', 'params_ema', 'state_dict'):
-        if key in ckpt and isinstance(ckpt[key], dict):
-            ckpt = ckpt[key]
-            break
-    state = OrderedDict()
-    for key, value in ckpt.items():
-        if not torch.is_tensor(value):
-            raise ValueError(f'DegradationCLIP.load_adapters({path}): entry {key!r} is not a tensor; expected '
-                             "a state_dict, {'params': ...} or {'learnable_params': ...}")
-        if key.startswith('module.'):
-            key = key[len('module.'):]
-        for theirs, ours in PUBLISHED_ADAPTER_PREFIXES.items():
-            if key.startswith(theirs):
-                key = ours + key[len(theirs):]
-        state[key] = value.detach()
-    return state
 
 
 def _drop_backbone_from_state_dict(module, state_dict, prefix, local_metadata):

@@ -149,7 +149,8 @@ class VLUNetModel(SRModel):
         self._print_different_keys_loading(net, params, strict)
         net.load_state_dict(params, strict=strict)
         if ckpt.clip_adapters and self.net_clip is not None and not self.opt['network_clip'].get('load_path'):
-            self._load_published_adapters(ckpt.clip_adapters, load_path)
+            self.net_clip.load_adapter_state(ckpt.clip_adapters, load_path)
+            get_root_logger().info(f'Loaded the CLIP adapters stored in {load_path}.')
 
     def _match_degradation_types(self, net, params, load_path):
         """Widen a K-type VLU-Net checkpoint to the network's K' types when ``path.widen_degradation_types``."""
@@ -169,14 +170,6 @@ class VLUNetModel(SRModel):
         get_root_logger().info(f'Widened {load_path} from {have} to {want} degradation types: '
                                f'{len(grown)} prompt-bank/projection tensors grew, the rest is unchanged.')
         return params
-
-    def _load_published_adapters(self, adapters, source):
-        prefixes = {'ad_imageEncoder.adapter.': 'image_adapter', 'ad_textEncoder.adapter.': 'text_adapter'}
-        for prefix, attr in prefixes.items():
-            part = {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}
-            getattr(self.net_clip, attr).load_state_dict(part, strict=True)
-        self.net_clip._clear_text_cache()
-        get_root_logger().info(f'Loaded the CLIP adapters stored in {source}.')
 
     # ------------------------------------------------------------------ training
     def init_training_settings(self):

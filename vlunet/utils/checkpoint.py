@@ -37,7 +37,11 @@ import torch
 NET_PREFIX = 'net.'
 CLIP_PREFIX = 'model_degradation.'
 MODULE_PREFIX = 'module.'
-ADAPTER_PREFIXES = ('ad_imageEncoder.adapter.', 'ad_textEncoder.adapter.')
+# The published names of DegradationCLIP's two adapters (clip_tuned.pth 'learnable_params', and the
+# 'model_degradation.' entries of a VLU-Net Lightning checkpoint) -> our attribute names.
+PUBLISHED_ADAPTER_PREFIXES = OrderedDict([('ad_imageEncoder.adapter.', 'image_adapter.'),
+                                          ('ad_textEncoder.adapter.', 'text_adapter.')])
+ADAPTER_PREFIXES = tuple(PUBLISHED_ADAPTER_PREFIXES)
 # Names of the 24 published adapter tensors (two Sequential(Linear, LayerNorm, act) x 3 stacks).
 ADAPTER_KEYS = tuple(f'{prefix}{i}.{p}' for prefix in ADAPTER_PREFIXES for i in (0, 1, 3, 4, 6, 7)
                      for p in ('weight', 'bias'))
@@ -182,6 +186,19 @@ def load_published_state_dict(path: str, trust_pickle: bool = False,
 
     keys = ', '.join(repr(k) for k in list(ckpt)[:8]) + (' ...' if len(ckpt) > 8 else '')
     raise CheckpointError(f'{path}: unknown checkpoint layout (top-level keys: {keys or "none"}); expected {EXPECTED}')
+
+
+def adapters_to_our_names(state: Dict[str, torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
+    """Rename published adapter keys (``ad_imageEncoder.adapter.*``) to ours (``image_adapter.*``);
+    other keys are kept as they are."""
+    out = OrderedDict()
+    for key, value in state.items():
+        for theirs, ours in PUBLISHED_ADAPTER_PREFIXES.items():
+            if key.startswith(theirs):
+                key = ours + key[len(theirs):]
+                break
+        out[key] = value
+    return out
 
 
 def check_clip_adapters(adapters: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
