@@ -325,9 +325,9 @@ class ProjectedAttention(nn.Module):
     def attend(self, src, dwconv, k_src, residual=None, scale=None, beta=1.0):
         """Attention of the qkv map ``dwconv(src)`` (or qv map ``dwconv(src)`` and keys ``k_src``),
         projected, scaled, added; ``dwconv`` the depthwise ``nn.Conv2d`` (recomputed in the backward
-        pass rather than stored)."""
+        pass rather than stored), or None when ``src`` is already the qkv / qv map."""
         if not use_fused(src):
-            src = dwconv(src)
+            src = src if dwconv is None else dwconv(src)
             if k_src is None:
                 q, k, v = src.chunk(3, dim=1)
             else:
@@ -341,7 +341,8 @@ class ProjectedAttention(nn.Module):
         if scale is not None:
             weight = weight * scale
             bias = None if bias is None else bias * scale
-        return ChannelAttention.apply(src, dwconv.weight, dwconv.bias, k_src, self.temperature, weight, bias, residual,
+        dw_weight, dw_bias = (None, None) if dwconv is None else (dwconv.weight, dwconv.bias)
+        return ChannelAttention.apply(src, dw_weight, dw_bias, k_src, self.temperature, weight, bias, residual,
                                       self.num_heads, float(beta))
 
 
@@ -365,6 +366,30 @@ class Attention(ProjectedAttention):
         """``norm``: a channel :class:`LayerNorm` applied to x first (fused with the qkv projection)."""
         qkv = self.qkv(x) if norm is None else norm_conv1x1(norm, self.qkv, x)
         return self.attend(qkv, self.qkv_dwconv, None, residual, scale, beta)
+
+
+class ChannelCrossAttention(ProjectedAttention):
+    """Transposed (channel) attention with queries from ``x`` and keys/values from ``y``.
+
+    ``q = q_dwconv(q(x))``, ``(k, v) = kv_dwconv(kv(y))`` with a ``kv_kernel_size`` depthwise
+    convolution (AdaIR 3, MoCE-IR 7), then MDTA's attention and ``project_out``;
+    ``forward(x, y, residual=None)`` adds ``residual`` to the result. x and y have the same shape.
+    """
+
+    def __init__(self, dim, num_heads, bias, kv_kernel_size=3):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.q = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+        self.q_dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=bias)
+        self.kv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
+        self.kv_dwconv = nn.Conv2d(dim * 2, dim * 2, kernel_size=kv_kernel_size, padding=kv_kernel_size // 2,
+                                   groups=dim * 2, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x, y, residual=None):
+        k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
+        return self.attend(torch.cat([self.q_dwconv(self.q(x)), v], 1), None, k, residual)
 
 
 # ------------------------------------------------------------------------------------------------

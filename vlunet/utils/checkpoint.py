@@ -271,6 +271,11 @@ def _guess_restormer(params):
                 dual_pixel_task='skip_conv.weight' in params)
 
 
+def _guess_adair(params):
+    # Restormer's kwargs plus the frequency blocks (fre1-3); AdaIR(decoder=False) is Restormer's keys exactly.
+    return dict(_restormer_family(params, '{}.', bias_key=None), LayerNorm_type=_layer_norm_type(params), decoder=True)
+
+
 def _guess_dfpir(params):
     # ``device`` and ``dual_pixel_task`` change nothing in the published network: not in the weights.
     return dict(_restormer_family(params, '{}.', bias_key=None), LayerNorm_type=_layer_norm_type(params))
@@ -291,14 +296,66 @@ def _guess_dgunet(params):
     return dict(kwargs, scale_orsnetfeats=params['concat67.weight'].shape[0] - kwargs['n_feat'])
 
 
+def _guess_moceir(params):
+    """MoCEIR kwargs from shapes. Not in the weights: topk, depth_type/stage_depth (they change no
+    shape nor, as published, any output), with_complexity, and rank when rank_type is 'spread'.
+    complexity_scale is read from the ``complexity`` buffer values when they are there."""
+    from vlunet.archs.moceir_arch import expert_ranks  # the published rank schedules
+
+    stem = params['patch_embed.proj.weight']
+    dim, levels = stem.shape[0], _count_blocks(params, 'enc.') + 1
+    enc = [f'enc.{i}.0.layers.' for i in range(levels - 1)] + ['latent.layers.']
+    dec = [f'dec.{i}.2.layers.' for i in range(levels - 1)]  # deepest first: width dim * 2**(levels - 2 - i)
+    kwargs = dict(inp_channels=stem.shape[1], out_channels=params['output.weight'].shape[0], dim=dim, levels=levels,
+                  num_blocks=[_count_blocks(params, p) for p in enc],
+                  num_dec_blocks=[_count_blocks(params, p) for p in dec][::-1],
+                  num_refinement_blocks=_count_blocks(params, 'refinement.layers.'), bias='output.bias' in params)
+    heads = []  # heads[j]: encoder level j, else the decoder level of that width, else (j = 0) the refinement
+    for j in range(levels):
+        where = [enc[j] + '0.mixer.temperature'] + [dec[levels - 2 - j] + '0.shared.temperature'] * (j < levels - 1)
+        where += ['refinement.layers.0.mixer.temperature'] * (j == 0)
+        # a level without blocks has no heads to read (nor to use): continue the released doubling
+        heads.append(next((params[k].shape[0] for k in where if k in params), 2 * heads[-1] if heads else 1))
+    kwargs['heads'] = heads
+    ffn = [params[k].shape for k in params if k.endswith('.ffn.project_out.weight')]
+    factor = _ffn_expansion_factor([s[0] for s in ffn], [s[1] for s in ffn], default=2)
+    if factor is not None:
+        kwargs['ffn_expansion_factor'] = factor
+    norm = next((k for k in params if k.endswith('.norms.0.body.weight')), None)
+    if norm is not None:
+        kwargs['LayerNorm_type'] = 'WithBias' if norm[:-len('weight')] + 'bias' in params else 'BiasFree'
+    adapters = [(dim * 2 ** (levels - 2 - i), f'{dec[i]}0.adapter.') for i in range(levels - 1)
+                if f'{dec[i]}0.adapter.experts.0.0.proj.0.weight' in params]
+    if adapters:
+        n = kwargs['num_experts'] = _count_blocks(params, adapters[0][1] + 'experts.')
+        seen = [(width, [params[f'{a}experts.{e}.0.proj.0.weight'].shape[0] for e in range(n)])
+                for width, a in adapters]
+        for rank_type in ('spread', 'constant', 'lin', 'double', 'exp', 'fact'):
+            rank = next((r for r in (range(1, 13) if rank_type == 'fact' else [seen[0][1][0]])
+                         if all(expert_ranks(rank_type, r, w, n) == ranks for w, ranks in seen)), None)
+            if rank is not None:
+                kwargs.update(rank_type=rank_type, **({} if rank_type == 'spread' else {'rank': rank}))
+                break
+        complexity = params.get(adapters[0][1] + 'routing.complexity')
+        if complexity is not None and complexity.device.type != 'meta':  # parameter counts / max or / min
+            if not complexity.is_floating_point():
+                kwargs['complexity_scale'] = None  # neither: the raw counts
+            elif float(complexity.max()) == 1 or float(complexity.min()) == 1:
+                kwargs['complexity_scale'] = 'max' if float(complexity.max()) == 1 else 'min'
+    return kwargs
+
+
 # (arch name, keys that identify it, kwargs from shapes); the first match wins.
 _SIGNATURES = (
     ('VLUNet', ('patch_embed_i.proj.weight', 'encoder_level1.gradient_descent.prompt_param'), _guess_vlunet),
     ('DFPIR', ('patch_embed.proj.weight', 'latent_shuffle_channel.linear_layer3.weight'), _guess_dfpir),  # < Restormer
+    ('AdaIR', ('patch_embed.proj.weight', 'fre1.conv1.weight', 'fre3.rate_conv.0.weight'), _guess_adair),  # < Restormer
     ('PromptIR', ('prompt1.prompt_param', 'patch_embed.proj.weight'), _guess_promptir),
     ('Restormer', ('patch_embed.proj.weight', 'encoder_level1.0.attn.qkv.weight'), _guess_restormer),
     ('DGUNet', ('basic.r1', 'shallow_feat1.0.weight', 'concat67.weight'), _guess_dgunet),
     ('DGUNetPlus', ('r1', 'r6', 'shallow_feat1.0.weight', 'stage6_encoder.body.0.conv_1.weight'), _dgunet_common),
+    ('MoCEIR', ('patch_embed.proj.weight', 'freq_embed.high_conv.0.conv.weight', 'enc.0.1.body.0.weight'),
+     _guess_moceir),
 )
 
 

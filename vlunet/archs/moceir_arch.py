@@ -1,0 +1,498 @@
+"""MoCE-IR (Zamfir et al., CVPR 2025): a U-Net whose decoder mixes complexity experts.
+
+The encoder, latent and refinement stages are Restormer blocks (MDTA + GDFN, shared from
+:mod:`vlunet.archs.blocks`). A bottleneck *frequency embedding* (high-pass depthwise conv, GELU,
+spatial mean, MLP) steers the decoder. Every decoder block is::
+
+    n        = LN(x)
+    s        = MDTA(proj0(n))                       # shared branch, no residual
+    a        = adapter(proj1(n), freq_emb, s)       # mixture of complexity experts
+    x        = x + project(attn(q(a), k(s)) v(s))   # cross-attention, 7x7 dwconv on k/v
+    x        = x + GDFN(LN(x))
+
+The adapter routes with ``gates = topk(softmax(W_g mean(a) + W_f freq_emb + noise))`` and runs
+the selected low-rank experts: ``e_i(a, s) = a + up(fft_attention_i(down(a)) * silu(gate(s)))``,
+expert ``i`` working at rank ``r_i`` on ``4 * 2**i``-pixel patches (a per-patch circular
+correlation of q and k computed with real FFTs, then LayerNorm, times v). Its output goes through
+``proj_out``. Training adds the load-balancing loss of the router (importance + load, optionally
+weighted by the experts' parameter counts, the ``complexity`` buffers).
+
+Attribute names, constructor arguments and defaults are the published ones
+(``src/net/moce_ir.py``), so option values and the published checkpoints carry over.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from basicsr.utils.registry import ARCH_REGISTRY
+from vlunet.archs.blocks import (LN_EPS, Attention, ChannelCrossAttention, Downsample, FeedForward, LayerNorm,
+                                 OverlapPatchEmbed, Upsample, crop_to, pad_to_multiple)
+
+# The two released models (the repository's ``src/options.py``; ``levels = len(num_blocks)``); all
+# other constructor arguments keep the class defaults.
+RELEASED_CONFIGS = {
+    'MoCE-IR-S': dict(dim=32, levels=4, num_blocks=[4, 6, 6, 8], num_dec_blocks=[2, 4, 4], num_refinement_blocks=4,
+                      heads=[1, 2, 4, 8], rank=2, num_experts=4, topk=1, stage_depth=[1, 1, 1], rank_type='spread',
+                      depth_type='constant', with_complexity=False, complexity_scale='max'),
+}
+RELEASED_CONFIGS['MoCE-IR'] = dict(RELEASED_CONFIGS['MoCE-IR-S'], dim=48)
+
+
+# ------------------------------------------------------------------------------------------------
+# experts
+
+
+def _patches(t, size):
+    """(B, C, H, W) float32 -> (B, C, H', W', size, size) view of zero-padded, non-overlapping patches."""
+    b, c, h, w = t.shape
+    t = F.pad(t, (0, -w % size, 0, -h % size))
+    return t.view(b, c, t.shape[2] // size, size, t.shape[3] // size, size).permute(0, 1, 2, 4, 3, 5)
+
+
+def _unpatch(t, h, w):
+    """Inverse of :func:`_patches`: (B, C, H', W', p, p) -> (B, C, h, w)."""
+    b, c, nh, nw, p, _ = t.shape
+    return t.permute(0, 1, 2, 4, 3, 5).reshape(b, c, nh * p, nw * p)[:, :, :h, :w]
+
+
+class FFTAttention(nn.Module):
+    """Attention in the Fourier domain: ``proj_out(LN(irfft2(rfft2(q) * rfft2(k))) * v)`` per patch.
+
+    q = 3x3 dwconv(1x1(x)), (k, v) = 7x7 dwconv(1x1(x)); the product of the spectra of each
+    ``patch_size`` square patch of q and k (zero padding at the bottom/right) is their circular
+    convolution. As published, the FFTs and the normalisation of their result (a WithBias
+    LayerNorm's mean/variance) run in float32 whatever the model's dtype; the affine weights,
+    ``* v`` and the projection are in the model's dtype. ``kernel_size`` is accepted and unused,
+    as published.
+    """
+
+    def __init__(self, dim, patch_size, kernel_size=None):
+        super().__init__()
+        self.patch_size = patch_size
+        self.q = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+        self.q_dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.kv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=False)
+        self.kv_dwconv = nn.Conv2d(dim * 2, dim * 2, kernel_size=7, padding=3, groups=dim * 2)
+        self.norm = LayerNorm(dim, 'WithBias')
+        self.proj_out = nn.Conv2d(dim, dim, kernel_size=1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q = self.q_dwconv(self.q(x))
+        k, v = self.kv_dwconv(self.kv(x)).chunk(2, dim=1)
+        # float32 in the published (NCHW) layout: the FFT and reduction rounding is then the published one
+        q, k = (_patches(t.to(torch.float32, memory_format=torch.contiguous_format), self.patch_size) for t in (q, k))
+        corr = torch.fft.irfft2(torch.fft.rfft2(q) * torch.fft.rfft2(k), s=(self.patch_size, self.patch_size))
+        rows = _unpatch(corr, h, w).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        mean = rows.mean(-1, keepdim=True)
+        var = rows.var(-1, keepdim=True, unbiased=False)
+        normed = (rows - mean) / torch.sqrt(var + LN_EPS) * self.norm.body.weight + self.norm.body.bias
+        return self.proj_out(normed.reshape(b, h, w, c).permute(0, 3, 1, 2) * v)
+
+
+EXPERT_LAYERS = {'FFTAttention': FFTAttention}
+
+
+class LowRankExpert(nn.Module):
+    """``x + proj2(body(proj0(x)) * silu(proj1(shared)))`` at ``rank`` channels (published ``ModExpert``).
+
+    ``depth``: the published expert repeats its computation ``depth`` times on the same input and
+    keeps the last result, i.e. the output is one application; it is computed once here. A depth
+    below 1 fails when the expert is run, as published.
+    """
+
+    def __init__(self, dim, rank, func, depth, patch_size, kernel_size):
+        super().__init__()
+        self.depth = depth
+        self.proj = nn.ModuleList([nn.Conv2d(dim, rank, kernel_size=1, bias=False),
+                                   nn.Conv2d(dim, rank, kernel_size=1, bias=False),
+                                   nn.Conv2d(rank, dim, kernel_size=1, bias=False)])
+        self.body = func(rank, kernel_size=kernel_size, patch_size=patch_size)
+
+    def forward(self, x, shared):
+        if self.depth < 1:
+            raise ValueError(f'MoCEIR: an expert of depth {self.depth} has no output (the published code fails too)')
+        return self.proj[2](self.body(self.proj[0](x)) * F.silu(self.proj[1](shared))) + x
+
+
+def expert_depths(depth_type, stage_depth, n):
+    """Depth of each of ``n`` experts for the published ``depth_type`` ('lin', 'double', 'exp', 'fact',
+    an int, 'constant')."""
+    if depth_type == 'lin':
+        return [stage_depth + i for i in range(n)]
+    if depth_type == 'double':
+        return [stage_depth + 2 * i for i in range(n)]
+    if depth_type == 'exp':
+        return [2 ** i for i in range(n)]
+    if depth_type == 'fact':
+        return [math.factorial(i + 1) for i in range(n)]
+    if isinstance(depth_type, int):
+        return [depth_type] * n
+    if depth_type == 'constant':
+        return [stage_depth] * n
+    raise NotImplementedError(f'MoCEIR: depth_type {depth_type!r}')
+
+
+def expert_ranks(rank_type, rank, dim, n):
+    """Rank of each of ``n`` experts at width ``dim`` for the published ``rank_type`` ('constant', 'lin',
+    'double', 'exp', 'fact', 'spread')."""
+    if rank_type == 'constant':
+        return [rank] * n
+    if rank_type == 'lin':
+        return [rank + i for i in range(n)]
+    if rank_type == 'double':
+        return [rank + 2 * i for i in range(n)]
+    if rank_type == 'exp':
+        return [rank ** (i + 1) for i in range(n)]
+    if rank_type == 'fact':
+        return [math.factorial(rank + i) for i in range(n)]
+    if rank_type == 'spread':  # dim/2**(n-1), ..., dim/2, dim
+        return [dim // 2 ** i for i in range(n)][::-1]
+    raise NotImplementedError(f'MoCEIR: rank_type {rank_type!r}')
+
+
+# ------------------------------------------------------------------------------------------------
+# routing
+
+
+class Router(nn.Module):
+    """Noisy top-k gate over the experts (published ``RoutingFunction``).
+
+    ``logits = gate(mean(x)) + freq_gate(freq_emb)``; Gaussian noise of std ``1 / num_experts``
+    (``torch.randn_like(logits)``, the global RNG) is added, then softmax and top-k. ``forward``
+    returns ``(gates (B, E), top_k_indices, top_k_values, aux_loss)``; ``aux_loss`` is 0 in eval,
+    else ``(cv^2(importance) + cv^2(load)) / 2`` (importance weighted by ``complexity`` when
+    ``use_complexity_bias``). ``eval_noise=False`` (not the published behaviour) draws no noise in
+    eval mode. The last routing is kept in ``last_routing`` (detached: ``randn`` (the unscaled draw
+    or None), ``logits``, ``top_k_indices``, ``top_k_values``).
+    """
+
+    def __init__(self, dim, freq_dim, num_experts, k, complexity, use_complexity_bias=True,
+                 complexity_scale='max', eval_noise=True):
+        super().__init__()
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(dim, num_experts, bias=False))
+        self.freq_gate = nn.Linear(freq_dim, num_experts, bias=False)
+        if complexity_scale == 'min':
+            complexity = complexity / complexity.min()
+        elif complexity_scale == 'max':
+            complexity = complexity / complexity.max()
+        self.register_buffer('complexity', complexity)
+        self.k = k
+        self.tau = 1
+        self.num_experts = num_experts
+        self.noise_std = 1.0 / num_experts
+        self.use_complexity_bias = use_complexity_bias
+        self.eval_noise = eval_noise
+        self.last_routing = None
+
+    def forward(self, x, freq_emb):
+        logits = self.gate(x) + self.freq_gate(freq_emb)
+        randn = torch.randn_like(logits) if self.training or self.eval_noise else None
+        noisy = logits if randn is None else logits + randn * self.noise_std
+        top_k_values, top_k_indices = torch.topk(noisy.softmax(dim=-1), self.k, dim=-1)
+        aux_loss = 0
+        if self.training:
+            aux_loss = 0.5 * self._importance_loss(logits.softmax(dim=-1)) + 0.5 * self._load_loss(logits, noisy)
+        gates = torch.zeros_like(logits).scatter_(1, top_k_indices, top_k_values)
+        self.last_routing = {'randn': None if randn is None else randn.detach(), 'logits': logits.detach(),
+                             'top_k_indices': top_k_indices, 'top_k_values': top_k_values.detach()}
+        return gates, top_k_indices, top_k_values, aux_loss
+
+    @staticmethod
+    def _cv_squared(values):
+        return (values.std() / (values.mean() + 1e-8)) ** 2
+
+    def _importance_loss(self, probs):
+        importance = probs.sum(dim=0)
+        if self.use_complexity_bias:
+            importance = importance * (self.complexity * self.tau)
+        return self._cv_squared(importance)
+
+    def _load_loss(self, logits, noisy):
+        """cv^2 over experts of the mean probability that fresh noise keeps each expert in the top k."""
+        kth = torch.topk(noisy, self.k, dim=-1).indices[:, -1:]
+        threshold = noisy.gather(1, kth)
+        z = (threshold - logits) / self.noise_std
+        win = 1.0 - 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # 1 - Phi(z)
+        return self._cv_squared(win.mean(dim=0))
+
+
+class ExpertMixture(nn.Module):
+    """The decoder's adapter (published ``AdapterLayer``): router, experts, ``proj_out``.
+
+    Expert ``i`` of ``num_experts``: rank from ``rank_type`` (e.g. 'spread': dim/8, dim/4, dim/2,
+    dim for 4 experts), depth from ``depth_type``/``stage_depth``, patch size ``4 * 2**i``.
+
+    How the selected experts are combined:
+
+    * training, or ``per_sample_eval=True``: per sample, the sum of its top-k experts, each weighted
+      by its gate (every expert sees only the samples routed to it);
+    * eval with ``per_sample_eval=False`` (published): batch of 1 as above; with a batch B > 1 and
+      top-1 routing, the expert chosen by EACH sample is run on the whole batch and sample b gets
+      ``gate_b * sum_j expert_{choice_j}(x)[b]`` (an expert chosen by two samples counts twice).
+      B > 1 with top-k > 1 fails in the published code; it raises a ValueError here.
+    """
+
+    def __init__(self, dim, rank, num_experts=4, top_k=2, expert_layer=FFTAttention, stage_depth=1, depth_type='lin',
+                 rank_type='constant', freq_dim=128, with_complexity=False, complexity_scale='min',
+                 eval_routing_noise=True, per_sample_eval=False):
+        super().__init__()
+        self.loss = None
+        self.top_k = top_k
+        self.num_experts = num_experts
+        self.per_sample_eval = per_sample_eval
+        depths = expert_depths(depth_type, stage_depth, num_experts)
+        ranks = expert_ranks(rank_type, rank, dim, num_experts)
+        # each expert sits alone in a container (published keys experts.<i>.0.*)
+        self.experts = nn.ModuleList([
+            nn.ModuleList([LowRankExpert(dim, ranks[i], expert_layer, depths[i], 2 ** (i + 2), 3 + 2 * i)])
+            for i in range(num_experts)])
+        self.proj_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+        complexity = torch.tensor([sum(p.numel() for p in expert.parameters()) for expert in self.experts])
+        self.routing = Router(dim, freq_dim, num_experts, top_k, complexity, use_complexity_bias=with_complexity,
+                              complexity_scale=complexity_scale, eval_noise=eval_routing_noise)
+
+    def expert(self, i):
+        return self.experts[i][0]
+
+    def forward(self, x, freq_emb, shared):
+        gates, top_k_indices, top_k_values, self.loss = self.routing(x, freq_emb)
+        if self.training or self.per_sample_eval:
+            out = self._per_sample(x, shared, gates)
+        else:
+            out = self._batch_wide(x, shared, top_k_indices, top_k_values)
+        return self.proj_out(out)
+
+    def _per_sample(self, x, shared, gates):
+        out = x.new_zeros(x.shape)
+        for i in range(self.num_experts):
+            rows = torch.nonzero(gates[:, i] > 0).squeeze(1)
+            if rows.numel():
+                y = self.expert(i)(x[rows], shared[rows]) * gates[rows, i].view(-1, 1, 1, 1)
+                out = out.index_add(0, rows, y)
+        return out
+
+    def _batch_wide(self, x, shared, top_k_indices, top_k_values):
+        if x.shape[0] == 1:
+            chosen = top_k_indices[0].tolist()
+        elif self.top_k == 1:
+            chosen = top_k_indices[:, 0].tolist()
+        else:
+            raise ValueError('MoCEIR: in eval mode the published routing cannot combine a batch > 1 with topk > 1; '
+                             'use per_sample_eval_routing=True')
+        outputs = {i: self.expert(i)(x, shared) for i in sorted(set(chosen))}
+        weights = top_k_values.view(*top_k_values.shape, 1, 1, 1)  # (B, k) over a batch of 1, else (B, 1)
+        out = 0
+        for j, i in enumerate(chosen):
+            out = out + weights[:, j if x.shape[0] == 1 else 0] * outputs[i]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# blocks
+
+
+class EncoderBlock(nn.Module):
+    """x + MDTA(LN(x)), then x + GDFN(LN(x)) (published names ``norms``, ``mixer``, ``ffn``)."""
+
+    def __init__(self, dim, num_heads, ffn_expansion_factor, bias, LayerNorm_type):
+        super().__init__()
+        self.norms = nn.ModuleList([LayerNorm(dim, LayerNorm_type), LayerNorm(dim, LayerNorm_type)])
+        self.mixer = Attention(dim, num_heads, bias)
+        self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
+
+    def forward(self, x):
+        x = self.mixer(x, residual=x, norm=self.norms[0])
+        return self.ffn(x, residual=x, norm=self.norms[1])
+
+
+class DecoderBlock(nn.Module):
+    """Shared MDTA branch, expert mixture, cross-attention between them, GDFN (see the module
+    docstring). ``forward(x, freq_emb)`` returns ``(x, adapter balance loss)``."""
+
+    def __init__(self, dim, num_heads, ffn_expansion_factor, bias, LayerNorm_type, **adapter_kwargs):
+        super().__init__()
+        self.norms = nn.ModuleList([LayerNorm(dim, LayerNorm_type), LayerNorm(dim, LayerNorm_type)])
+        self.proj = nn.ModuleList([nn.Conv2d(dim, dim, kernel_size=1), nn.Conv2d(dim, dim, kernel_size=1)])
+        self.shared = Attention(dim, num_heads, bias)
+        self.mixer = ChannelCrossAttention(dim, num_heads, bias, kv_kernel_size=7)
+        self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
+        self.adapter = ExpertMixture(dim, **adapter_kwargs)
+
+    def forward(self, x, freq_emb):
+        normed = self.norms[0](x)
+        shared = self.shared(self.proj[0](normed))
+        adapted = self.adapter(self.proj[1](normed), freq_emb, shared)
+        x = self.mixer(adapted, shared, residual=x)
+        return self.ffn(x, residual=x, norm=self.norms[1]), self.adapter.loss
+
+
+class EncoderGroup(nn.Module):
+    """``layers``: a stack of :class:`EncoderBlock` (published ``EncoderResidualGroup``)."""
+
+    def __init__(self, num_blocks, *block_args):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderBlock(*block_args) for _ in range(num_blocks)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class DecoderGroup(nn.Module):
+    """``layers``: a stack of :class:`DecoderBlock`; ``loss`` is the sum of their balance losses."""
+
+    def __init__(self, num_blocks, *block_args, **adapter_kwargs):
+        super().__init__()
+        self.loss = None
+        self.layers = nn.ModuleList([DecoderBlock(*block_args, **adapter_kwargs) for _ in range(num_blocks)])
+
+    def forward(self, x, freq_emb):
+        self.loss = 0
+        for layer in self.layers:
+            x, loss = layer(x, freq_emb)
+            self.loss += loss
+        return x
+
+
+class HighPassConv2d(nn.Module):
+    """Depthwise 3x3 convolution initialised to the Laplacian (8 in the centre, -1 around).
+
+    The published code means to freeze it but does not (``requires_grad_`` is assigned, not
+    called): the kernel is a trained parameter there, and here.
+    """
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False, groups=c)
+        laplacian = torch.full((c, 1, 3, 3), -1.0)
+        laplacian[:, :, 1, 1] = 8.0
+        with torch.no_grad():
+            self.conv.weight.copy_(laplacian)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class FrequencyEmbedding(nn.Module):
+    """``mlp(mean_hw(gelu(highpass(x))))``: a (B, C) code of the bottleneck's high frequencies."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.high_conv = nn.Sequential(HighPassConv2d(dim), nn.GELU())
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        return self.mlp(self.high_conv(x).mean(dim=(-2, -1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# network
+
+
+@ARCH_REGISTRY.register()
+class MoCEIR(nn.Module):
+    """MoCE-IR with the published constructor arguments, defaults and state_dict keys.
+
+    Released models (``src/options.py``; also :data:`RELEASED_CONFIGS`), both with every other
+    argument at its default (inp/out_channels 3, ffn_expansion_factor 2, LayerNorm_type 'WithBias',
+    bias False, expert_layer FFTAttention):
+
+    * "MoCE-IR-S": ``dim=32, levels=4, num_blocks=[4, 6, 6, 8], num_dec_blocks=[2, 4, 4],
+      num_refinement_blocks=4, heads=[1, 2, 4, 8], rank=2, num_experts=4, topk=1,
+      stage_depth=[1, 1, 1], rank_type='spread', depth_type='constant', with_complexity=False,
+      complexity_scale='max'`` (11,477,752 parameters);
+    * "MoCE-IR": the same with ``dim=48`` (25,353,796 parameters).
+
+    The class defaults (dim 32, num_blocks [1, 1, 1, 3], heads [1, 1, 1, 1], rank_type 'constant',
+    depth_type 'lin', ...) are the published class defaults, not a released model. As published:
+    encoder/latent/refinement blocks always have biases (``bias`` reaches the decoder blocks, the
+    skip fusions and the output convolution), the refinement runs at ``dim``, the latent takes
+    ``num_blocks[-1]``/``heads[-1]``, decoder level i (deepest first) takes
+    ``num_dec_blocks[::-1][i]``, ``heads[::-1][i + 1]`` and ``stage_depth[i]``, and ``rank`` is the
+    expert rank for rank_type 'constant'/'lin'/... ('spread' derives ranks from the width).
+    ``expert_layer`` is the expert class (or its name, 'FFTAttention').
+
+    ``forward(x, labels=None)``: x (B, C, H, W) of any size (reflect-padded to a multiple of
+    ``2 ** (levels - 1)``, 8 for 4 levels, inside and cropped back); ``labels`` (the published
+    training passes degradation ids) is accepted and ignored.
+
+    Balance loss: after every forward, ``total_loss`` holds the routers' auxiliary loss averaged
+    over the decoder blocks (``sum / sum(num_dec_blocks)``): a differentiable scalar tensor in
+    training mode, 0.0 in eval. The published training minimises
+    ``L1 + balance_loss_weight * net.total_loss`` (balance_loss_weight 0.01), optionally plus an
+    FFT loss.
+
+    Routing oddities of the published code, kept by default, with corrections as options:
+
+    * ``eval_routing_noise=True``: the routers add Gaussian noise to their logits in eval mode too
+      (``torch.randn_like`` on the global RNG, one (B, num_experts) draw per decoder block, in
+      execution order), so eval outputs depend on the RNG state (seed before the forward to
+      reproduce one). ``False``: no noise in eval, deterministic outputs.
+    * ``per_sample_eval_routing=False``: in eval with a batch > 1, the expert chosen by any
+      sample runs on the whole batch and the results are summed (see :class:`ExpertMixture`), so a
+      sample's output depends on the rest of the batch. ``True``: eval routes each sample to its
+      own experts, as training does (the result of a sample equals its result at batch size 1).
+    """
+    condition = None  # forward(img): see vlunet.archs.conditioning
+
+    def __init__(self, inp_channels=3, out_channels=3, dim=32, levels=4, heads=(1, 1, 1, 1), num_blocks=(1, 1, 1, 3),
+                 num_dec_blocks=(1, 1, 1), ffn_expansion_factor=2, num_refinement_blocks=1, LayerNorm_type='WithBias',
+                 bias=False, rank=2, num_experts=4, depth_type='lin', stage_depth=(3, 2, 1), rank_type='constant',
+                 topk=1, expert_layer=FFTAttention, with_complexity=False, complexity_scale='max',
+                 eval_routing_noise=True, per_sample_eval_routing=False):
+        super().__init__()
+        if isinstance(expert_layer, str):
+            expert_layer = EXPERT_LAYERS[expert_layer]
+        self.levels = levels
+        self.num_blocks = list(num_blocks)
+        self.num_dec_blocks = list(num_dec_blocks)
+        self.num_refinement_blocks = num_refinement_blocks
+        dims = [dim * 2 ** i for i in range(levels)]
+
+        def encoder(n, width, n_heads):
+            return EncoderGroup(n, width, n_heads, ffn_expansion_factor, True, LayerNorm_type)
+
+        self.patch_embed = OverlapPatchEmbed(inp_channels, dim, bias=False)
+        self.freq_embed = FrequencyEmbedding(dims[-1])
+        self.enc = nn.ModuleList([nn.ModuleList([encoder(self.num_blocks[i], dims[i], heads[i]), Downsample(dims[i])])
+                                  for i in range(levels - 1)])
+        self.latent = encoder(self.num_blocks[-1], dims[-1], heads[-1])
+        up_dims, up_heads, up_blocks = dims[::-1], list(heads)[::-1], self.num_dec_blocks[::-1]
+        adapter = dict(rank=rank, num_experts=num_experts, top_k=topk, expert_layer=expert_layer,
+                       depth_type=depth_type, rank_type=rank_type, freq_dim=dims[-1], with_complexity=with_complexity,
+                       complexity_scale=complexity_scale, eval_routing_noise=eval_routing_noise,
+                       per_sample_eval=per_sample_eval_routing)
+        self.dec = nn.ModuleList([nn.ModuleList([
+            Upsample(up_dims[i]),
+            nn.Conv2d(up_dims[i], up_dims[i + 1], kernel_size=1, bias=bias),
+            DecoderGroup(up_blocks[i], up_dims[i + 1], up_heads[i + 1], ffn_expansion_factor, bias, LayerNorm_type,
+                         stage_depth=stage_depth[i], **adapter),
+        ]) for i in range(levels - 1)])
+        self.refinement = encoder(num_refinement_blocks, dim, heads[0])
+        self.output = nn.Conv2d(dim, out_channels, kernel_size=3, padding=1, bias=bias)
+        self.total_loss = None
+
+    def forward(self, x, labels=None):
+        padded, size = pad_to_multiple(x, 2 ** (self.levels - 1))  # levels - 1 halvings
+        # features run in channels_last (see vlunet.archs.blocks); the result is an ordinary NCHW tensor
+        return crop_to(self._forward(padded.contiguous(memory_format=torch.channels_last)), size).contiguous()
+
+    def _forward(self, img):
+        feats = self.patch_embed(img)
+        skips = []
+        for block, downsample in self.enc:
+            feats = block(feats)
+            skips.append(feats)
+            feats = downsample(feats)
+        feats = self.latent(feats)
+        freq_emb = self.freq_embed(feats)
+        total_loss = 0
+        for upsample, fusion, block in self.dec:
+            feats = block(fusion(torch.cat([upsample(feats), skips.pop()], 1)), freq_emb)
+            total_loss += block.loss
+        self.total_loss = total_loss / sum(self.num_dec_blocks)
+        return self.output(self.refinement(feats)) + img
