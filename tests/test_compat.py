@@ -9,6 +9,7 @@ import yaml
 
 import vlunet  # noqa: F401  (applies the fixes)
 from vlunet import compat
+from vlunet.models.lr_scheduler import LinearWarmupCosineLR
 
 
 def test_basicsr_imports_on_this_torchvision():
@@ -45,7 +46,7 @@ def test_any_torch_optimizer_and_warmup_cosine():
         model.get_optimizer('Bogus', params, 1e-3)
 
     opt = torch.optim.AdamW(params, lr=1.0)
-    sched = compat.LinearWarmupCosineLR(opt, warmup_iter=10, total_iter=110, eta_min=0.0)
+    sched = LinearWarmupCosineLR(opt, warmup_iter=10, total_iter=110, eta_min=0.0)
     lrs = []
     for _ in range(120):
         lrs.append(opt.param_groups[0]['lr'])

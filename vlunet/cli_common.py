@@ -106,6 +106,34 @@ def check_inputs_exist(argv, is_train):
         raise SystemExit(2)
 
 
+def _accumulating_loaders():
+    """With ``train.accumulate_grad_batches: N`` the training loader yields ``batch_size_per_gpu x N``
+    samples per iteration, which the model splits into N micro-batches (vlunet.models.train_step),
+    so BasicSR's epoch and iteration counts stay counts of optimizer steps."""
+    import basicsr.train as basicsr_train
+    original = basicsr_train.create_train_val_dataloader
+    if getattr(original, '_vlunet_wrapped', False):
+        return
+
+    def create_train_val_dataloader(opt, logger):
+        train_opt = opt['datasets'].get('train') if isinstance(opt.get('datasets'), dict) else None
+        n = int((opt.get('train') or {}).get('accumulate_grad_batches') or 1)
+        if train_opt is None or n == 1:
+            return original(opt, logger)
+        per_gpu = train_opt['batch_size_per_gpu']
+        train_opt['batch_size_per_gpu'] = per_gpu * n
+        try:
+            result = original(opt, logger)
+        finally:
+            train_opt['batch_size_per_gpu'] = per_gpu
+        logger.info(f'Gradient accumulation: the loader reads {per_gpu * n} samples per GPU and iteration, '
+                    f'{n} micro-batches of {per_gpu}; iterations above count optimizer steps.')
+        return result
+
+    create_train_val_dataloader._vlunet_wrapped = True
+    basicsr_train.create_train_val_dataloader = create_train_val_dataloader
+
+
 def run_pipeline(pipeline_name, argv=None):
     """Run ``basicsr.{train,test}.{pipeline_name}`` with experiments/ and results/ under the cwd."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -115,6 +143,7 @@ def run_pipeline(pipeline_name, argv=None):
     sys.argv[1:] = argv
     if pipeline_name == 'train_pipeline':
         from basicsr.train import train_pipeline as pipeline
+        _accumulating_loaders()
     else:
         from basicsr.test import test_pipeline as pipeline
     pipeline(os.getcwd())

@@ -8,6 +8,8 @@ Option file (``datasets.train``; validation sets use the same type with one sour
     use_rot: true
     io_backend: {type: disk}     # default for every source; lmdb works too
     seed: 0                      # validation: degraded images are a fixed function of (seed, file)
+    skip_unreadable: false       # true: leave out images that cannot be read (counted in the log);
+                                 # default: stop with an error naming the file and the dataset
     sources:
       - name: noise15            # degradation type name (reported per item)
         label: 0                 # integer label = index of its CLIP prompt (prompt_index overrides)
@@ -32,8 +34,7 @@ import zlib
 
 import numpy as np
 import torch
-from basicsr.data.transforms import augment
-from basicsr.utils import FileClient, img2tensor, scandir
+from basicsr.utils import FileClient, get_root_logger, img2tensor, scandir
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 
@@ -60,13 +61,40 @@ def _read_image(file_client, path, client_key):
     try:
         buf = file_client.get(path, client_key)
     except FileNotFoundError:
-        raise DatasetError(f'image file not found: {path}') from None
+        raise _unreadable(f'image file not found: {path}') from None
+    except OSError as err:
+        raise _unreadable(f'{path}: cannot read the file ({err})') from None
     if buf is None:
-        raise DatasetError(f'no entry {path!r} in LMDB {client_key!r}')
+        raise _unreadable(f'no entry {path!r} in LMDB {client_key!r}')
     try:
         return raw_to_bgr_float(decode_image(buf, path))
     except ImageReadError as err:
-        raise DatasetError(str(err)) from None
+        raise _unreadable(str(err)) from None
+
+
+def _unreadable(message):
+    """A DatasetError for a file that cannot be read (what ``skip_unreadable`` may skip)."""
+    err = DatasetError(message)
+    err.unreadable = True
+    return err
+
+
+def _flip_rotate(imgs, rng, hflip, rotation):
+    """BasicSR's ``augment`` (horizontal flip, vertical flip, transpose; each with probability 1/2),
+    drawn from the item's ``rng``."""
+    h = hflip and rng.random() < 0.5
+    v = rotation and rng.random() < 0.5
+    t = rotation and rng.random() < 0.5
+    out = []
+    for img in imgs:
+        if h:
+            img = img[:, ::-1]
+        if v:
+            img = img[::-1]
+        if t:
+            img = img.transpose(1, 0, 2)
+        out.append(np.ascontiguousarray(img))
+    return out
 
 
 class _Source:
@@ -169,6 +197,10 @@ class AllInOneDataset(data.Dataset):
         self.index = [(si, ni) for si, src in enumerate(self.sources) for _ in range(src.repeat if repeat else 1)
                       for ni in range(len(src.names))]
         self.file_clients = [None] * len(self.sources)
+        self.skip_unreadable = bool(opt.get('skip_unreadable', False))
+        self._skipped = 0
+        if self.skip_unreadable and self.phase != 'train':
+            self._drop_unreadable()
 
     def __len__(self):
         return len(self.index)
@@ -185,14 +217,33 @@ class AllInOneDataset(data.Dataset):
         return self.file_clients[si]
 
     def _rng(self, src, name):
+        """The random stream of one item. Training: seeded from torch's generator, which BasicSR seeds
+        with ``manual_seed + rank`` and the DataLoader per worker and epoch, so a run repeats with the
+        same seed and ``num_worker_per_gpu`` while every worker and rank draws a different stream.
+        Otherwise a fixed function of (dataset seed, source, file): the same degraded image always."""
         if self.phase == 'train':
-            return np.random.default_rng()
+            return np.random.default_rng(torch.randint(0, 2**62, (2, )).tolist())
         return np.random.default_rng([self.seed, zlib.crc32(f'{src.name}/{name}'.encode())])
 
     def __getitem__(self, idx):
+        for attempt in range(100):
+            try:
+                return self._item(idx)
+            except DatasetError as err:
+                if not (self.skip_unreadable and getattr(err, 'unreadable', False)):
+                    raise DatasetError(f'datasets.{self.opt.get("phase", "?")} ({self.opt.get("name", "?")}): '
+                                       f'{err}') from None
+                self._skipped += 1
+                get_root_logger().warning(f'{self.opt.get("name")}: skipped an unreadable image ({err}); '
+                                          f'{self._skipped} skipped so far in this process (skip_unreadable: true)')
+                idx = int(torch.randint(0, len(self.index), (1, )))
+        raise DatasetError(f'datasets ({self.opt.get("name")}): 100 unreadable images in a row; giving up')
+
+    def _item(self, idx):
         si, ni = self.index[idx]
         src, name = self.sources[si], self.sources[si].names[ni]
         client = self._client(si)
+        rng = self._rng(src, name)
         gt_path = src.path('gt', name)
         gt = _read_image(client, gt_path, 'gt')
         if src.paired:
@@ -204,25 +255,43 @@ class AllInOneDataset(data.Dataset):
         else:
             lq_path, lq = gt_path, None
         if self.phase == 'train' and self.gt_size:
-            gt, lq = self._random_crop(gt, lq, gt_path)
+            gt, lq = self._random_crop(gt, lq, gt_path, rng)
         if lq is None:
-            lq = apply_degradation(gt, src.degradation, self._rng(src, name))
+            lq = apply_degradation(gt, src.degradation, rng)
         if self.phase == 'train':
-            gt, lq = augment([gt, lq], self.opt.get('use_hflip', True), self.opt.get('use_rot', True))
+            gt, lq = _flip_rotate([gt, lq], rng, self.opt.get('use_hflip', True), self.opt.get('use_rot', True))
         gt_t, lq_t = img2tensor([gt, lq], bgr2rgb=True, float32=True)
         return {
             'lq': lq_t, 'gt': gt_t, 'label': src.label, 'prompt_index': src.prompt_index,
             'degradation': src.name, 'lq_path': lq_path, 'gt_path': gt_path
         }
 
-    def _random_crop(self, gt, lq, gt_path):
+    def _random_crop(self, gt, lq, gt_path, rng):
         size = int(self.gt_size)
         h, w = gt.shape[:2]
         if h < size or w < size:
             raise DatasetError(f'image {gt_path} is {w}x{h}, smaller than the training patch gt_size={size}')
-        top, left = np.random.randint(0, h - size + 1), np.random.randint(0, w - size + 1)
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
         crop = (slice(top, top + size), slice(left, left + size))
         return np.ascontiguousarray(gt[crop]), (None if lq is None else np.ascontiguousarray(lq[crop]))
+
+    def _drop_unreadable(self):
+        """``skip_unreadable`` outside training: decode every file once, leave out those that fail."""
+        kept, dropped = [], []
+        for si, ni in self.index:
+            src, name = self.sources[si], self.sources[si].names[ni]
+            try:
+                for key in src.roots:
+                    _read_image(self._client(si), src.path(key, name), key)
+                kept.append((si, ni))
+            except DatasetError as err:
+                if not getattr(err, 'unreadable', False):
+                    raise
+                dropped.append(str(err))
+        if dropped:
+            get_root_logger().warning(f'{self.opt.get("name")}: {len(dropped)} unreadable image(s) left out of the '
+                                      'set (skip_unreadable: true): ' + '; '.join(dropped[:10]))
+        self.index = kept
 
     def protocol(self):
         """How the degraded images of this set are made, for ``metrics.json``: ``{'noise': ...,

@@ -23,6 +23,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from vlunet.models.train_step import TrainStep, broadcast_from_rank0
 from vlunet.utils.atomic import torch_save_atomic
 
 METRICS = {'accuracy': 'higher'}  # metric name -> which direction is better
@@ -65,8 +66,13 @@ class CLIPAdapterModel(BaseModel):
             raise ValueError('CLIPAdapterModel: option train.contrastive_opt is missing '
                              '(e.g. {type: DegradationContrastiveLoss})')
         self.cri_contrastive = build_loss(train_opt['contrastive_opt']).to(self.device)
+        broadcast_from_rank0(list(self.cri_contrastive.parameters()) + list(self.cri_contrastive.buffers()))
         self.setup_optimizers()
         self.setup_schedulers()
+        self.train_step = TrainStep(train_opt, self.device, get_root_logger())
+        batch = (self.opt.get('datasets') or {}).get('train', {}).get('batch_size_per_gpu')
+        if batch:
+            get_root_logger().info(self.train_step.describe(batch, self.opt.get('world_size', 1)))
 
     def setup_optimizers(self):
         """One optimizer over the trainable tensors: the adapters (and the backbone when it is not
@@ -100,17 +106,27 @@ class CLIPAdapterModel(BaseModel):
                              f'expected indices into the {num_types} prompts of network_g: {self.prompts}')
         self.label = label.to(self.device)
 
-    def optimize_parameters(self, current_iter):
-        self.optimizer_g.zero_grad()
-        image_features, text_features = self.net_g(self.lq, return_text_features=True)
-        l_contrastive = self.cri_contrastive(image_features, text_features, self.label)
-        l_contrastive.backward()
-        self.optimizer_g.step()
-
+    def _losses(self, chunks):
+        lq, label = chunks
+        image_features, text_features = self.net_g(lq, return_text_features=True)
         with torch.no_grad():
             pred = self.cri_contrastive.logits(image_features, text_features).argmax(dim=1)
-            acc = (pred == self.label).float().mean()
-        self.log_dict = self.reduce_loss_dict(OrderedDict(l_contrastive=l_contrastive.detach(), acc=acc))
+            self._correct += int((pred == label).sum())
+        return OrderedDict(l_contrastive=self.cri_contrastive(image_features, text_features, label))
+
+    def optimize_parameters(self, current_iter):
+        self._correct = 0
+        extra = [p for p in self.cri_contrastive.parameters() if p.requires_grad]  # outside DDP: averaged
+        log, _ = self.train_step.run([self.lq, self.label], self._losses, self.optimizers, ddp_nets=[self.net_g],
+                                     extra_params=extra, current_iter=current_iter)
+        log['acc'] = torch.tensor(self._correct / self.lq.shape[0], device=self.device)
+        if self.train_step.skipped:
+            log['skipped_steps'] = torch.tensor(float(self.train_step.skipped), device=self.device)
+        self.log_dict = self.reduce_loss_dict(log)
+
+    def training_state_extras(self):
+        """Saved in the training state beside optimizers and schedulers (fp16 gradient scaler)."""
+        return {'train_step': self.train_step.state_dict()} if hasattr(self, 'train_step') else {}
 
     # ------------------------------------------------------------------ inference
     def test(self):
@@ -219,6 +235,8 @@ class CLIPAdapterModel(BaseModel):
 
     def resume_training(self, resume_state):
         super().resume_training(resume_state)
+        if hasattr(self, 'train_step'):
+            self.train_step.load_state_dict(resume_state.get('train_step') or {})
         params = list(self.cri_contrastive.parameters())
         if params:
             path = os.path.join(self.opt['path']['models'], f'contrastive_loss_{resume_state["iter"]}.pth')

@@ -42,6 +42,8 @@ from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.registry import METRIC_REGISTRY, MODEL_REGISTRY
 from tqdm import tqdm
 
+from vlunet.archs.conditioning import bare_network
+from vlunet.models.train_step import TrainStep, autocast, broadcast_from_rank0, parse_amp
 from vlunet.utils.atomic import write_image_atomic, write_json_atomic
 from vlunet.utils.checkpoint import load_published_state_dict
 from vlunet.utils.tiling import center_crop_to_multiple, crop_to, pad_to_multiple, tiled_forward
@@ -67,7 +69,10 @@ class VLUNetModel(SRModel):
 
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
-        self.net_g = self.model_to_device(build_network(opt['network_g']))
+        net = build_network(opt['network_g'])
+        if self.is_train and (opt.get('train') or {}).get('compile'):
+            net = torch.compile(net)  # train.compile; checkpoints keep the plain keys (get_bare_model)
+        self.net_g = self.model_to_device(net)
         self.print_network(self.net_g)
         self.net_clip = None
         self.cri_clip = None
@@ -118,6 +123,8 @@ class VLUNetModel(SRModel):
             net.eval()
             for p in net.parameters():
                 p.requires_grad_(False)
+        if self.opt.get('dist'):  # ranks initialise with different seeds: every rank uses rank 0's CLIP
+            broadcast_from_rank0(list(net.parameters()) + list(net.buffers()))
         self.net_clip = net
 
     def degradation_embedding(self, lq):
@@ -175,12 +182,17 @@ class VLUNetModel(SRModel):
     def init_training_settings(self):
         super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
         logger = get_root_logger()
+        self.train_step = TrainStep(self.opt['train'], self.device, logger)
+        batch = (self.opt.get('datasets') or {}).get('train', {}).get('batch_size_per_gpu')
+        if batch:
+            logger.info(self.train_step.describe(batch, self.opt.get('world_size', 1)))
         logger.info(f'Degradation embedding: {"CLIP " + type(self.net_clip).__name__ if self.net_clip else "none"}'
                     f'{" (trained alongside)" if self.cri_clip is not None else ""}')
 
     def setup_optimizers(self):
         super().setup_optimizers()
         train_opt = self.opt['train']
+        self.clip_params = []
         if train_opt.get('clip_opt') is not None:
             if self.net_clip is None:
                 raise ValueError('train.clip_opt is set but there is no network_clip to train')
@@ -189,6 +201,8 @@ class VLUNetModel(SRModel):
             optim_type = optim_opt.pop('type')
             params = [p for p in self.net_clip.parameters() if p.requires_grad]
             params += [p for p in self.cri_clip.parameters() if p.requires_grad]
+            broadcast_from_rank0(list(self.cri_clip.parameters()) + list(self.cri_clip.buffers()))
+            self.clip_params = params  # outside DDP: averaged across ranks by the train step
             self.optimizer_clip = self.get_optimizer(optim_type, params, **optim_opt)
             self.optimizers.append(self.optimizer_clip)
             self.net_clip.train()
@@ -199,50 +213,57 @@ class VLUNetModel(SRModel):
             self.gt = data['gt'].to(self.device)
         # the CLIP class of an item is its prompt index (AllInOneDataset: defaults to its label)
         label = data.get('prompt_index', data.get('label'))
-        self.label = label.to(self.device) if label is not None else None
+        self.label = torch.as_tensor(label).to(self.device) if label is not None else None
 
-    def _train_clip_step(self):
-        """One contrastive step of the CLIP adapters; returns the (detached) embedding."""
-        self.optimizer_clip.zero_grad()
-        image_features = self.net_clip(self.lq)
-        loss = self.cri_clip(image_features, self.net_clip.text_features(), self.label)
-        loss.backward()
-        if self.opt['dist']:
-            world = torch.distributed.get_world_size()
-            for p in self.net_clip.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        self.optimizer_clip.step()
-        return image_features.detach(), loss
-
-    def optimize_parameters(self, current_iter):
-        loss_dict = OrderedDict()
-        if self.cri_clip is not None:
-            embedding, loss_dict['l_clip'] = self._train_clip_step()
+    def _losses(self, chunks):
+        """The weighted loss terms of one micro-batch ``(lq, gt, label)``; keeps its restored image."""
+        lq, gt, label = chunks
+        losses = OrderedDict()
+        if self.cri_clip is not None:  # CLIP adapters trained alongside: contrastive loss, detached embedding
+            image_features = self.net_clip(lq)
+            losses['l_clip'] = self.cri_clip(image_features, self.net_clip.text_features(), label)
+            embedding = image_features.detach()
         else:
-            embedding = self.degradation_embedding(self.lq)
-
-        self.optimizer_g.zero_grad()
-        output = self.run_network(self.net_g, self.lq, embedding)
+            embedding = self.degradation_embedding(lq)
+        output = self.run_network(self.net_g, lq, embedding)
         stages = list(output) if isinstance(output, (list, tuple)) else [output]
-        self.output = stages[0]
-        l_total = 0
+        self._outputs.append(stages[0].detach())
         if self.cri_pix:
-            l_pix = sum(self.cri_pix(stage, self.gt) for stage in stages)
-            l_total += l_pix
-            loss_dict['l_pix'] = l_pix
+            losses['l_pix'] = sum(self.cri_pix(stage, gt) for stage in stages)
         if self.cri_perceptual:
-            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
+            l_percep, l_style = self.cri_perceptual(stages[0], gt)
             for name, value in (('l_percep', l_percep), ('l_style', l_style)):
                 if value is not None:
-                    l_total += value
-                    loss_dict[name] = value
-        l_total.backward()
-        self.optimizer_g.step()
+                    losses[name] = value
+        if not losses:
+            raise ValueError('VLUNetModel: no loss to train with (set train.pixel_opt and/or perceptual_opt)')
+        return losses
+
+    def optimize_parameters(self, current_iter):
+        self._outputs = []
+        loss_dict, stepped = self.train_step.run(
+            [self.lq, self.gt, self.label], self._losses, self.optimizers, ddp_nets=[self.net_g],
+            extra_params=self.clip_params, current_iter=current_iter)
+        self.output = torch.cat(self._outputs) if len(self._outputs) > 1 else self._outputs[0]
+        del self._outputs
+        if self.train_step.skipped:
+            loss_dict['skipped_steps'] = torch.tensor(float(self.train_step.skipped), device=self.device)
         self.log_dict = self.reduce_loss_dict(loss_dict)
-        if self.ema_decay > 0:
+        if stepped and self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+
+    def training_state_extras(self):
+        """Saved in the training state beside optimizers and schedulers (fp16 gradient scaler)."""
+        return {'train_step': self.train_step.state_dict()} if hasattr(self, 'train_step') else {}
+
+    def resume_training(self, resume_state):
+        super().resume_training(resume_state)
+        if hasattr(self, 'train_step'):
+            self.train_step.load_state_dict(resume_state.get('train_step') or {})
+
+    def get_bare_model(self, net):
+        """The network inside DataParallel / DDP / ``torch.compile`` wrappers (checkpoints keep its keys)."""
+        return bare_network(net)
 
     # ------------------------------------------------------------------ inference
     def records_stages(self, net=None):
@@ -282,12 +303,15 @@ class VLUNetModel(SRModel):
         return out, (recorded[0] if len(recorded) == 1 else None)
 
     def test(self):
-        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        """Restore ``self.lq`` with the bare network (EMA if any; not its DDP / compiled wrapper), under
+        ``val.amp`` autocast when set."""
+        net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         was_training = net.training
         net.eval()
         val_opt = self.opt.get('val') or {}
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.device, parse_amp(val_opt.get('amp', False), 'val.amp')):
             self.output = self.restore(self.lq, net, val_opt.get('tile'), val_opt.get('tile_overlap', 16))
+        self.output = self.output.float()
         if was_training:
             net.train()
 
@@ -391,6 +415,12 @@ class VLUNetModel(SRModel):
 
     # ------------------------------------------------------------------ saving
     def save(self, epoch, current_iter):
-        super().save(epoch, current_iter)
+        """Every network of the iteration first, the training state last (the state marks the
+        iteration complete for ``--auto_resume``)."""
+        if hasattr(self, 'net_g_ema'):
+            self.save_network([self.net_g, self.net_g_ema], 'net_g', current_iter, param_key=['params', 'params_ema'])
+        else:
+            self.save_network(self.net_g, 'net_g', current_iter)
         if self.cri_clip is not None:
             self.save_network(self.net_clip, 'net_clip', current_iter)
+        self.save_training_state(epoch, current_iter)
