@@ -1,15 +1,20 @@
-"""vlunet-restore on images nobody tuned for: odd sizes, gray, RGBA, 16-bit, and a text file."""
+"""vlunet-restore on images nobody tuned for: odd sizes, gray, RGBA, 16-bit, and a text file.
+
+The function behind it (``vlunet.restore.restore_image``, shared with vlunet-app) is tested
+in-process in tests/test_app.py; ``model_files`` and the tiny networks here serve both."""
 import json
-import os
 
 import cv2
 import numpy as np
-import pytest
 import torch
 
 from conftest import run_cli, write_yaml
 
 DGUNET = {'type': 'DGUNet', 'n_feat': 8, 'scale_unetfeats': 4, 'scale_orsnetfeats': 4, 'depth': 1}
+TINY_VLUNET = {'type': 'VLUNet', 'de_dim': 3, 'dim': 16, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
+               'heads': [1, 2, 4, 8]}
+TINY_CLIP = {'type': 'DegradationCLIP', 'clip_model': 'vlunet-tiny', 'pretrained': None,
+             'prompts': ['image with noise', 'image with haze', 'image with rain']}
 
 
 def _inputs(folder):
@@ -25,7 +30,8 @@ def _inputs(folder):
     return rgba
 
 
-def _model_files(tmp_path, network_g, network_clip=None):
+def model_files(tmp_path, network_g, network_clip=None):
+    """A tmp option file + untrained weights of ``network_g`` (and ``network_clip``, random init)."""
     import vlunet  # noqa: F401
     from basicsr.archs import build_network
     torch.manual_seed(0)
@@ -40,11 +46,14 @@ def _model_files(tmp_path, network_g, network_clip=None):
 
 def test_restore_keeps_size_and_kind_and_skips_non_images(tmp_path):
     rgba = _inputs(tmp_path / 'in')
-    opt = _model_files(tmp_path, DGUNET)
+    opt = model_files(tmp_path, DGUNET)
     proc = run_cli(['-m', 'vlunet.restore', '-opt', opt, '-i', str(tmp_path / 'in'), '-o', str(tmp_path / 'out'),
-                    '--tile', '64', '--tile-overlap', '16'], tmp_path)
+                    '--tile', '64', '--tile-overlap', '16', '--save-stages'], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'skipped (not an image)' in proc.stdout and 'notes.txt' in proc.stdout
+    # DGUNet records no unfolding stages: said once per image, nothing drawn, nothing run twice
+    assert proc.stdout.count('no stage grid: DGUNet does not record its unfolding stages') == 5
+    assert not list((tmp_path / 'out').glob('*_stages.png'))
     for name in ('photo.png', 'odd.png', 'gray.png', 'rgba.png', 'deep.png'):
         src = cv2.imread(str(tmp_path / 'in' / name), cv2.IMREAD_UNCHANGED)
         out = cv2.imread(str(tmp_path / 'out' / name), cv2.IMREAD_UNCHANGED)
@@ -61,7 +70,7 @@ def test_restore_keeps_size_and_kind_and_skips_non_images(tmp_path):
 
 
 def test_restore_errors_name_what_is_missing(tmp_path):
-    opt = _model_files(tmp_path, DGUNET)
+    opt = model_files(tmp_path, DGUNET)
     proc = run_cli(['-m', 'vlunet.restore', '-opt', opt, '-i', str(tmp_path / 'nope'), '-o', str(tmp_path / 'o')],
                    tmp_path)
     assert proc.returncode == 2 and 'input not found' in proc.stderr and 'nope' in proc.stderr
@@ -70,17 +79,12 @@ def test_restore_errors_name_what_is_missing(tmp_path):
     assert proc.returncode == 2 and 'missing.pth' in proc.stderr
 
 
-TINY_VLUNET = {'type': 'VLUNet', 'de_dim': 3, 'dim': 16, 'num_blocks': [1, 1, 1, 1], 'num_refinement_blocks': 1,
-               'heads': [1, 2, 4, 8]}
-TINY_CLIP = {'type': 'DegradationCLIP', 'clip_model': 'vlunet-tiny', 'pretrained': None,
-             'prompts': ['image with noise', 'image with haze', 'image with rain']}
-
 
 def test_restore_with_clip_reports_types_and_saves_stages(tmp_path):
     folder = tmp_path / 'in'
     folder.mkdir()
     cv2.imwrite(str(folder / 'odd.png'), np.random.default_rng(0).integers(0, 256, (37, 29, 3), dtype=np.uint8))
-    opt = _model_files(tmp_path, TINY_VLUNET, TINY_CLIP)
+    opt = model_files(tmp_path, TINY_VLUNET, TINY_CLIP)
     proc = run_cli(['-m', 'vlunet.restore', '-opt', opt, '-i', str(folder / 'odd.png'), '-o', str(tmp_path / 'out'),
                     '--save-stages', '--device', 'cpu'], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,8 @@
-"""What the model saw: a PNG per image with every unfolding stage of VLU-Net (paper Fig. 4 style).
+"""What the model saw: a picture per image with every unfolding stage of VLU-Net (paper Fig. 4 style).
+
+Drawn by ``vlunet-restore --save-stages`` and the app's stage grid from the stages that the one
+restoring forward recorded (``VLUNetModel.restore(..., return_stages=True)``); nothing here runs a
+network.
 
 Rows: the input and the restored image, then one row per unfolding stage
 (encoder_level1 ... refinement). Each stage row shows the features after the gradient step and
@@ -7,9 +11,6 @@ degradation-component weights that stage chose from the CLIP embedding.
 """
 import cv2
 import numpy as np
-import torch
-
-from vlunet.utils.atomic import write_image_atomic
 
 TILE = 128
 BAR_W = 220
@@ -74,19 +75,9 @@ def stage_grid(lq, restored, stages, type_names):
     return np.vstack(rows)
 
 
-def save_stage_grid(model, lq, path):
-    """Run ``model``'s VLU-Net on one image (1, 3, H, W) recording its stages and write the grid PNG."""
-    net = model.get_bare_model(model.net_g)
-    embedding = model.degradation_embedding(lq)
-    try:
-        with torch.no_grad():
-            restored, stages = net(lq, embedding, return_stages=True)
-    except TypeError as err:
-        raise TypeError(f'--save-stages needs a network that records its unfolding stages (VLUNet); '
-                        f'{type(net).__name__} does not ({err})') from None
-    k = stages[0]['weights'].shape[1]
-    names = list(model.net_clip.prompts) if model.net_clip is not None else [f'type {i}' for i in range(k)]
+def type_names(net_clip, k):
+    """Short labels of the ``k`` degradation types for the bar charts: the CLIP prompts without
+    'image with ' (``type 0`` ... without CLIP)."""
+    names = list(net_clip.prompts) if net_clip is not None else []
     names = [n.replace('image with ', '') for n in names][:k]
-    grid = stage_grid(lq[0], restored[0].clamp(0, 1), stages, names)
-    write_image_atomic(path, grid)
-    return path
+    return names + [f'type {i}' for i in range(len(names), k)]

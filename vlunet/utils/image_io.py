@@ -14,6 +14,10 @@ class ImageReadError(ValueError):
     """An image cannot be read or decoded (the message names the file)."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image has more pixels than the caller allows (the message names the file, its size and the limit)."""
+
+
 def is_image_file(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -67,15 +71,51 @@ def raw_to_bgr_float(raw):
     return img[..., :3]
 
 
-def read_image(path):
+def pixel_count(n):
+    """'4.2 megapixels' / '30000 pixels': an image size for messages."""
+    return f'{n / 1e6:.1f} megapixels' if n >= 100_000 else f'{n} pixels'
+
+
+def check_pixels(width, height, max_pixels, source):
+    """Raise :class:`ImageTooLargeError` when ``width * height`` exceeds ``max_pixels`` (None: no limit)."""
+    if max_pixels and width * height > max_pixels:
+        raise ImageTooLargeError(f'{source}: the image is {width}x{height} ({pixel_count(width * height)}), above '
+                                 f'the limit of {pixel_count(max_pixels)}')
+
+
+def _check_header_pixels(buf, max_pixels, source):
+    """The pixel limit from the image header alone, before anything is decoded (Pillow reads the
+    header; formats it does not know are checked after decoding)."""
+    import io
+    import warnings
+
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():  # the limit that applies is ours
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(buf))) as pil:
+                width, height = pil.size
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(f'{source}: the image has more than {pixel_count(2 * Image.MAX_IMAGE_PIXELS)}, '
+                                 f'above the limit of {pixel_count(max_pixels)}') from None
+    except Exception:  # noqa: BLE001  (not a format Pillow knows, or a broken header: decoding reports it)
+        return
+    check_pixels(width, height, max_pixels, source)
+
+
+def read_image(path, max_pixels=None):
     """``(rgb, info)``: float32 HxWx3 RGB in [0, 1] and what :func:`to_original_kind` needs to write
-    the result back as the same kind (channels, alpha, bit depth). Raises :class:`ImageReadError`."""
-    return image_from_bytes(read_file(path), path)
+    the result back as the same kind (channels, alpha, bit depth). Raises :class:`ImageReadError`;
+    :class:`ImageTooLargeError` for an image of more than ``max_pixels`` pixels (checked before decoding)."""
+    return image_from_bytes(read_file(path), path, max_pixels)
 
 
-def image_from_bytes(buf, source):
+def image_from_bytes(buf, source, max_pixels=None):
     """:func:`read_image` of encoded bytes (``source`` names them in errors)."""
+    if max_pixels and buf:
+        _check_header_pixels(buf, max_pixels, source)
     raw = decode_image(buf, source)
+    check_pixels(raw.shape[1], raw.shape[0], max_pixels, source)
     channels = 1 if raw.ndim == 2 or raw.shape[2] == 1 else raw.shape[2]
     info = {'dtype': raw.dtype, 'channels': channels, 'alpha': raw[..., 3] if channels == 4 else None,
             'height': raw.shape[0], 'width': raw.shape[1]}
