@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Install vlunet: ``pip install .`` (or ``pip install -e .[test]`` for development)."""
+"""Install vlunet: ``pip install .`` (``.[app]`` adds vlunet-app; ``pip install -e .[test]`` for development)."""
 from setuptools import find_packages, setup
 
 VERSION = '0.1.0'  # keep in step with vlunet/version.py (a test checks they agree)
+APP_REQUIRES = ['gradio>=6,<7', 'fastapi', 'uvicorn', 'pandas']
 
 with open('README.md', encoding='utf-8') as f:
     long_description = f.read()
@@ -30,7 +31,9 @@ setup(
         'numpy',
         'setuptools',  # basicsr imports distutils, which Python 3.12 no longer ships
     ],
-    extras_require={'test': ['pytest>=7', 'scikit-image']},
+    # app: vlunet-app, the local restore page (Gradio 6 built-ins: ImageSlider, BarPlot, buttons=);
+    # test: everything its tests need, the app and the browser test's driver included
+    extras_require={'app': APP_REQUIRES, 'test': ['pytest>=7', 'scikit-image', 'selenium>=4.10'] + APP_REQUIRES},
     entry_points={
         'console_scripts': [
             'vlunet-train=vlunet.train:main',
@@ -38,6 +41,7 @@ setup(
             'vlunet-convert=vlunet.convert:main',
             'vlunet-compare=vlunet.compare:main',
             'vlunet-restore=vlunet.restore:main',
+            'vlunet-app=vlunet.app:main',
         ],
     },
     classifiers=[
