@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_yaml
 from test_cli_restore import TINY_CLIP, TINY_VLUNET, model_files
 from vlunet.utils.atomic import write_atomic
 
@@ -93,15 +93,16 @@ def _noisy_photo(path, seed=0):
     cv2.imwrite(str(path), np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def _upload(driver, wait, path):
+def _upload(driver, wait, *paths):
     from selenium.webdriver.common.by import By
     clear = driver.find_elements(By.CSS_SELECTOR, '#upload button[aria-label="Clear"]')
     if clear:
         clear[0].click()
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '#upload td.filename'))
-    driver.find_element(By.CSS_SELECTOR, '#upload input[type=file]').send_keys(str(path))
-    name = os.path.basename(str(path))
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#upload td.filename[aria-label="{name}"]'))
+    driver.find_element(By.CSS_SELECTOR, '#upload input[type=file]').send_keys('\n'.join(map(str, paths)))
+    for path in paths:
+        name = os.path.basename(str(path))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#upload td.filename[aria-label="{name}"]'))
 
 
 def _restore(driver, wait, expect):
@@ -141,7 +142,7 @@ def test_app_in_headless_chromium(tmp_path):
 
     start = time.monotonic()
     opt = os.environ.get('VLUNET_APP_OPT') or model_files(tmp_path, TINY_VLUNET, TINY_CLIP)
-    prompts = TINY_CLIP['prompts'] if not os.environ.get('VLUNET_APP_OPT') else None
+    prompts = (load_yaml(opt).get('network_clip') or {}).get('prompts') or []
     apptmp = tmp_path / 'apptmp'
     apptmp.mkdir()
     photo, notes, big, small = (tmp_path / 'noisy cat.png', tmp_path / 'notes.txt', tmp_path / 'big.png',
@@ -172,7 +173,7 @@ def test_app_in_headless_chromium(tmp_path):
         _natural_size(driver, wait, '#input-image img', (191, 153))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#report svg'))
         chart = driver.find_element(By.ID, 'report').get_attribute('innerHTML')
-        for prompt in prompts or []:
+        for prompt in prompts:
             assert prompt in chart
         assert 'Most likely degradation:' in driver.find_element(By.ID, 'top-type').text
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#stages img'))
@@ -199,10 +200,16 @@ def test_app_in_headless_chromium(tmp_path):
         assert 'Traceback' not in driver.find_element(By.TAG_NAME, 'body').text
         assert not driver.find_elements(By.CSS_SELECTOR, '#restored img')  # the old result is not left shown
 
-        # 3. ... and the app keeps serving
-        _upload(driver, wait, small)
-        _restore(driver, wait, 'small.png: 41x30')
+        # 3. ... and the app keeps serving: two images at once, the second picked from the list
+        _upload(driver, wait, small, photo)
+        status = _restore(driver, wait, 'Restored 2 images in')
+        assert 'small.png: 41x30' in status and 'noisy_cat.png: 191x153' in status
         _natural_size(driver, wait, '#restored img', (41, 30))
+        assert len(driver.find_elements(By.CSS_SELECTOR, '#download-list a')) == 2
+        driver.find_element(By.CSS_SELECTOR, '#picker input').click()
+        wait.until(lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, 'li[role="option"]')
+                              if o.text.strip() == '2. noisy_cat.png'])[0].click()
+        _natural_size(driver, wait, '#restored img', (191, 153))
 
         # every request of the page went to the app (no CDN, no analytics)
         urls = set()
