@@ -115,6 +115,33 @@ def fix_local_rank_argument():
             module.parse_options = parse_options
 
 
+def fix_force_yml_seed():
+    """Symptom: ``--force_yml manual_seed=N`` changes the logged option but not the run: BasicSR
+    seeds the random generators before it applies ``--force_yml``.
+
+    Seed again, with ``manual_seed + rank``, once the options are final (nothing draws random
+    numbers in between, so runs without the override are unchanged).
+    """
+    from basicsr.utils import options, set_random_seed
+    original = options.parse_options
+    if getattr(original, '_vlunet_seeded', False):
+        return
+
+    def parse_options(root_path, is_train=True):
+        opt, args = original(root_path, is_train=is_train)
+        if opt.get('manual_seed') is not None:
+            set_random_seed(int(opt['manual_seed']) + int(opt.get('rank', 0)))
+        return opt, args
+
+    parse_options._vlunet_seeded = True
+    parse_options._vlunet_wrapped = True
+    options.parse_options = parse_options
+    for module_name in ('basicsr.train', 'basicsr.test'):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, 'parse_options'):
+            module.parse_options = parse_options
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. distributed training on CPU (gloo) and GPU (nccl), LOCAL_RANK respected
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +571,7 @@ def apply():
         import basicsr  # noqa: F401
     fix_unsafe_yaml()
     fix_local_rank_argument()
+    fix_force_yml_seed()
     fix_distributed_init()
     fix_slurm_init()
     fix_ddp_device_ids()

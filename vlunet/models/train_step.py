@@ -147,7 +147,9 @@ class TrainStep:
                     return self._nonfinite(losses, bad_terms, current_iter, optimizers), False
                 self.scaler.scale(total * weight).backward()
             for name, value in losses.items():
-                log[name] = log.get(name, 0.0) + value.detach().float() * weight
+                value = value.detach()
+                value = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+                log[name] = log.get(name, 0.0) + value * weight
         average_gradients(extra_params)
         self.last_grad_norms = []
         for optimizer in optimizers:

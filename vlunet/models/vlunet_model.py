@@ -70,8 +70,9 @@ class VLUNetModel(SRModel):
     def __init__(self, opt):
         BaseModel.__init__(self, opt)
         net = build_network(opt['network_g'])
-        if self.is_train and (opt.get('train') or {}).get('compile'):
-            net = torch.compile(net)  # train.compile; checkpoints keep the plain keys (get_bare_model)
+        compile_opt = (opt.get('train') or {}).get('compile') if self.is_train else None
+        if compile_opt:  # train.compile: true (or a dict of torch.compile kwargs, e.g. {mode: max-autotune})
+            net = torch.compile(net, **(dict(compile_opt) if isinstance(compile_opt, dict) else {}))
         self.net_g = self.model_to_device(net)
         self.print_network(self.net_g)
         self.net_clip = None
