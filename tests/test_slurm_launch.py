@@ -39,9 +39,11 @@ def _free_port():
 
 @pytest.fixture
 def clean_launch_env(monkeypatch):
+    from basicsr.utils import dist_util
     for name in LAUNCH_VARIABLES:  # recorded (set, then removed), so what the launcher sets is undone afterwards
         monkeypatch.setenv(name, '')
         monkeypatch.delenv(name)
+    monkeypatch.setattr(dist_util.mp, 'set_start_method', lambda method: None)  # init_dist: not for this process
     return monkeypatch
 
 
@@ -78,6 +80,28 @@ def test_slurm_environment_on_cpu(tmp_path, clean_launch_env):
     monkeypatch.delenv('MASTER_PORT')
     dist_util._init_dist_slurm('nccl')
     assert os.environ['MASTER_PORT'] == '29500'
+
+
+@pytest.mark.parametrize('visible, localid, device', [(4, '1', 1), (4, '3', 3), (1, '3', 0)])
+def test_slurm_gpu_per_local_rank(tmp_path, clean_launch_env, visible, localid, device):
+    """On GPU: the given backend and the device of SLURM_LOCALID (not SLURM_PROCID), modulo the visible
+    GPUs (a task bound to one GPU sees it as device 0). CUDA is faked: only the choice is checked."""
+    import torch
+    import torch.distributed as dist
+    from basicsr.utils import dist_util
+    monkeypatch = clean_launch_env
+    chosen, seen = [], {}
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: visible)
+    monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
+    monkeypatch.setattr(dist, 'init_process_group', lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv('MASTER_ADDR', 'node01')
+    for name, value in (('SLURM_PROCID', '6'), ('SLURM_LOCALID', localid), ('SLURM_NTASKS', '8'),
+                        ('SLURM_NODELIST', 'node[01-02]')):
+        monkeypatch.setenv(name, value)
+    dist_util.init_dist('slurm', backend='nccl', port=29578)
+    assert chosen == [device] and seen == {'backend': 'nccl'}
+    assert (os.environ['RANK'], os.environ['LOCAL_RANK'], os.environ['WORLD_SIZE']) == ('6', localid, '8')
 
 
 def test_slurm_without_scontrol_names_the_way_out(tmp_path, clean_launch_env):

@@ -195,8 +195,9 @@ def fix_slurm_init():
 
     basicsr's ``_init_dist_slurm`` always asks for NCCL and picks the GPU as ``SLURM_PROCID %
     device_count()``. Use gloo when CUDA is unavailable, the given backend (nccl) otherwise, and
-    take the device from ``SLURM_LOCALID`` (the task's rank on its node, set by srun), as
-    ``--launcher pytorch`` does with LOCAL_RANK. The rest is BasicSR's: ``RANK`` = SLURM_PROCID,
+    take the device from ``SLURM_LOCALID`` (the task's rank on its node, set by srun; modulo the
+    visible GPUs, so a task bound to one GPU uses device 0), as ``--launcher pytorch`` does with
+    LOCAL_RANK. The rest is BasicSR's: ``RANK`` = SLURM_PROCID,
     ``WORLD_SIZE`` = SLURM_NTASKS, ``MASTER_ADDR`` = first host of SLURM_NODELIST, ``MASTER_PORT``
     = ``dist_params.port``, else the environment's MASTER_PORT, else 29500.
     """
@@ -207,11 +208,11 @@ def fix_slurm_init():
         proc_id = int(os.environ['SLURM_PROCID'])
         ntasks = int(os.environ['SLURM_NTASKS'])
         node_list = os.environ.get('SLURM_NODELIST') or os.environ['SLURM_JOB_NODELIST']
+        local_rank = int(os.environ.get('SLURM_LOCALID', proc_id))
         if torch.cuda.is_available():
-            local_rank = int(os.environ.get('SLURM_LOCALID', proc_id % torch.cuda.device_count()))
-            torch.cuda.set_device(local_rank)
+            # % : with --gpus-per-task=1 (or --gpu-bind) each task sees its own GPU as device 0
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
         else:
-            local_rank = int(os.environ.get('SLURM_LOCALID', 0))
             backend = 'gloo'
         if port is not None:
             os.environ['MASTER_PORT'] = str(port)
