@@ -10,7 +10,7 @@ import pytest
 
 import vlunet  # noqa: F401  (applies the fixes)
 from vlunet import compat
-from conftest import DEMO_TRAIN, TINY_DEMO
+from conftest import DEMO_TRAIN, TINY_DEMO, load_yaml, write_yaml
 
 # what srun/torchrun would have set; a stale one must not leak into these tests
 LAUNCH_VARIABLES = ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE',
@@ -118,8 +118,10 @@ def test_srun_two_cpu_tasks_train_with_world_size_2(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     env.update(PATH=f'{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{env["PATH"]}',
                OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', SLURM_NTASKS='2', SLURM_NODELIST='somehost')
-    args = ['-opt', DEMO_TRAIN, '--launcher', 'slurm', '--force_yml', 'train:total_iter=3',
-            f'dist_params:port={_free_port()}', *TINY_DEMO]
+    opt = load_yaml(DEMO_TRAIN)
+    opt['dist_params']['port'] = _free_port()  # read before --force_yml is applied, so set in the file
+    args = ['-opt', write_yaml(tmp_path / 'demo.yml', opt), '--launcher', 'slurm', '--force_yml',
+            'train:total_iter=3', *TINY_DEMO]
     entry_points = [[os.path.join(os.path.dirname(sys.executable), 'vlunet-train')],
                     [sys.executable, '-m', 'vlunet.train']]
     procs = []
