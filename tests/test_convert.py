@@ -58,6 +58,13 @@ def dgunet_pth(sd):
             'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-6}]}}
 
 
+def dfpir_pth_tar(sd):
+    """DFPIR's checkpoint_epoch_*.pth.tar: {'epoch', 'state_dict', 'optimizer', 'scheduler'}."""
+    return {'epoch': 12, 'state_dict': OrderedDict(sd),
+            'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4, 'params': [0, 1]}]},
+            'scheduler': {'last_epoch': 11, 'base_lrs': [1e-4], '_step_count': 12}}
+
+
 def restormer_pth(sd):
     return {'params': OrderedDict(sd)}
 
@@ -78,6 +85,12 @@ CASES = [  # (fixture, layout, source_format the loader must report, run the for
     ('PromptIR_decoder.pt', lightning, 'lightning', True),
     ('Restormer_withbias.pt', restormer_pth, 'params', True),
     ('Restormer_biasfree.pt', restormer_pth, 'params', True),
+    ('AdaIR_A1.pt', lightning, 'lightning', True),  # AdaIR and MoCE-IR: Lightning .ckpt with net. keys
+    ('AdaIR_A2.pt', lightning, 'lightning', True),
+    ('MoCEIR_S_reduced.pt', lightning, 'lightning', True),
+    ('MoCEIR_reduced.pt', lightning, 'lightning', True),
+    ('DFPIR_withbias.pt', dfpir_pth_tar, 'state_dict', True),
+    ('DFPIR_biasfree.pt', dfpir_pth_tar, 'state_dict', True),
     # Every layout also with weights whose arch is always present: converted tensors must equal the source.
     ('DGUNet_deraining.pt', lightning, 'lightning', False),
     ('DGUNetPlus_deraining.pt', lightning_vlunet, 'lightning-vlunet', False),
@@ -116,6 +129,8 @@ def test_convert_reproduces_official_output(tmp_path, name, layout, fmt, forward
     model = ARCH_REGISTRY.get(arch)(**kwargs).double().eval()  # built from the INFERRED kwargs
     model.load_state_dict(saved['params'], strict=True)
     if forward:
+        if 'forward_seed' in fx:  # MoCE-IR draws its routing noise from the global RNG, as published
+            torch.manual_seed(fx['forward_seed'])
         with torch.no_grad():
             out = model(*fx['inputs'].values())
         want = fx['output']
@@ -319,6 +334,13 @@ def test_guess_arch_on_fixtures_matches_config(name):
     # Every inferred kwarg agrees with the fixture's config where the config sets it.
     assert {k: v for k, v in kwargs.items() if k in fx['config']} == \
         {k: fx['config'][k] for k in kwargs if k in fx['config']}
+
+
+def test_dfpir_empty_checkpoint_is_explained(tmp_path, capsys):
+    src = write({}, tmp_path / 'checkpoint_epoch_V1_0003.pth.tar')
+    assert convert_mod.main([src, str(tmp_path / 'out.pth')]) == 1
+    err = capsys.readouterr().err
+    assert 'empty' in err and "'state_dict'" in err and not (tmp_path / 'out.pth').exists()
 
 
 def test_guess_arch_unknown():

@@ -123,20 +123,35 @@ def describe_protocols(protocols):
 
 
 def count_gmacs(network_opt, size=GMAC_SIZE):
-    """Multiply-accumulates (G) of one forward at 1x3xsize x size, counted on the meta device."""
+    """Multiply-accumulates (G) of one forward at 1x3xsize x size, counted on the meta device.
+
+    Networks whose work depends on the data (MoCE-IR's routing picks the experts) cannot run on
+    the meta device; they are counted in one real CPU forward of a fixed random image instead.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     import vlunet  # noqa: F401
     from basicsr.archs import build_network
-    with torch.device('meta'):
-        net = build_network(dict(network_opt)).eval()
-        x = torch.empty(1, 3, size, size)
-        args = (x, torch.empty(1, 512)) if network_opt.get('type') == 'VLUNet' else (x, )
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            net(*args)
-    return counter.get_total_flops() / 2e9
+    from vlunet.archs.conditioning import CLIP_DIM, condition_of
+
+    def count(device):
+        with torch.device(device):
+            net = build_network(dict(network_opt)).eval()
+            g = torch.Generator(device).manual_seed(0) if device == 'cpu' else None
+            x = torch.rand(1, 3, size, size, generator=g) if g else torch.empty(1, 3, size, size)
+            args = (x, ) if condition_of(net) is None else (x, torch.randn(1, CLIP_DIM, generator=g) if g else
+                                                              torch.empty(1, CLIP_DIM))
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                net(*args)
+        return counter.get_total_flops() / 2e9
+
+    try:
+        return count('meta')
+    except (NotImplementedError, RuntimeError):  # data-dependent control flow
+        torch.manual_seed(0)
+        return count('cpu')
 
 
 def _fmt(value, digits):
@@ -164,6 +179,9 @@ def build_table(results, with_gmacs=True):
                 print(f'warning: GMACs of {r["name"]} not counted ({err})', file=sys.stderr)
         params = model.get('params')
         label = r['name'] + (f' ({model["network_g"]["type"]})' if model.get('network_g') else '')
+        if (model.get('conditioning') or '').startswith('text prompt'):  # DFPIR: oracle or blind prompt
+            label = label[:-1] + f', {model["conditioning"]})'
+
         rows.append({'method': label, 'params_M': None if params is None else params / 1e6, 'gmacs': gmacs,
                      **{s: (r['metrics'].get(s, {}).get('psnr'), r['metrics'].get(s, {}).get('ssim')) for s in sets}})
     for row in rows:

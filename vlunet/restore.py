@@ -60,10 +60,11 @@ def build_model(opt_path, model_path=None, device='cpu'):
         raise ValueError(f'{opt_path}: cannot read the option file ({err})') from None
     if not isinstance(opt, dict) or not isinstance(opt.get('network_g'), dict):
         raise KeyError(f'{opt_path}: missing "network_g" (expected a vlunet train or test option file)')
-    if condition_of(opt['network_g']) == TEXT_EMBEDDING:
+    text_opt = opt.get('text_embedding') if isinstance(opt.get('text_embedding'), dict) else {}
+    if condition_of(opt['network_g']) == TEXT_EMBEDDING and text_opt.get('mode', 'oracle') != 'blind':
         raise ValueError(f"{opt_path}: network_g {opt['network_g'].get('type')} takes a CLIP text embedding of the "
-                         "task prompt (condition 'text_embedding'); restoring has no source for one yet. Use a "
-                         'network conditioned on the image (VLUNet) or on nothing (PromptIR, Restormer, DGUNet).')
+                         "task prompt (condition 'text_embedding'); your photos have no known task, so set "
+                         "text_embedding.mode: blind (the prompt of the type network_clip sees) in the option file.")
     weights = model_path or (opt.get('path') or {}).get('pretrain_network_g')
     if not weights:
         raise KeyError(f'{opt_path}: no weights: set path.pretrain_network_g or pass --model')
@@ -76,8 +77,9 @@ def build_model(opt_path, model_path=None, device='cpu'):
         'is_train': False, 'rank': 0, 'world_size': 1, 'network_g': opt['network_g'], 'path': path_opt,
         'val': {},
     }
-    if opt.get('network_clip'):
-        model_opt['network_clip'] = opt['network_clip']
+    for key in ('network_clip', 'text_embedding'):
+        if opt.get(key):
+            model_opt[key] = opt[key]
     try:
         model = basicsr_build_model(model_opt)
     except RuntimeError as err:  # load_state_dict: missing/unexpected keys or size mismatches

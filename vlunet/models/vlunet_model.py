@@ -42,9 +42,10 @@ from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.registry import METRIC_REGISTRY, MODEL_REGISTRY
 from tqdm import tqdm
 
-from vlunet.archs.conditioning import bare_network
+from vlunet.archs.conditioning import (CLIP_DIM, DEGRADATION_EMBEDDING, TEXT_EMBEDDING, bare_network,
+                                       condition_of)
 from vlunet.models.train_step import TrainStep, autocast, broadcast_from_rank0, parse_amp
-from vlunet.utils.atomic import write_image_atomic, write_json_atomic
+from vlunet.utils.atomic import torch_save_atomic, write_image_atomic, write_json_atomic
 from vlunet.utils.checkpoint import load_published_state_dict
 from vlunet.utils.tiling import center_crop_to_multiple, crop_to, pad_to_multiple, tiled_forward
 from vlunet.utils.widening import count_degradation_types, widen_state_dict
@@ -63,6 +64,10 @@ def _first(output):
     return output[0] if isinstance(output, (list, tuple)) else output
 
 
+TEXT_PROMPT_MODES = {'oracle': "the image's known task (its label), as DFPIR's published test",
+                     'blind': 'the degradation type network_clip classifies the image as'}
+
+
 @MODEL_REGISTRY.register()
 class VLUNetModel(SRModel):
     """All-in-one restoration model (see the module docstring for its options)."""
@@ -77,8 +82,11 @@ class VLUNetModel(SRModel):
         self.print_network(self.net_g)
         self.net_clip = None
         self.cri_clip = None
+        self.condition = condition_of(self.net_g)
         if opt.get('network_clip'):
             self._build_clip(opt['network_clip'])
+        if self.condition == TEXT_EMBEDDING:
+            self._build_text_codes(opt.get('text_embedding'))
         load_path = opt['path'].get('pretrain_network_g')
         if load_path is not None:
             self.load_network(self.net_g, load_path, opt['path'].get('strict_load_g', True),
@@ -94,6 +102,7 @@ class VLUNetModel(SRModel):
         info = {'name': self.opt['name'], 'network_g': dict(self.opt['network_g']),
                 'params': sum(p.numel() for p in net.parameters()),
                 'network_clip': self.opt['network_clip'].get('type') if self.opt.get('network_clip') else None,
+                'conditioning': self.describe_conditioning(),
                 'pretrain_network_g': self.opt['path'].get('pretrain_network_g')}
         os.makedirs(self.opt['path']['results_root'], exist_ok=True)
         write_json_atomic(os.path.join(self.opt['path']['results_root'], 'model.json'), info, sort_keys=True)
@@ -135,8 +144,80 @@ class VLUNetModel(SRModel):
         with torch.no_grad():
             return self.net_clip(lq)
 
-    def run_network(self, net, lq, embedding=None):
-        return net(lq) if self.net_clip is None else net(lq, embedding)
+    def _build_text_codes(self, text_opt):
+        """DFPIR's ``text_code`` table: the CLIP text embeddings (K, CLIP_DIM) of one prompt per task
+        (row k = label k), computed once by CLIP's text tower and kept (never recomputed per batch);
+        with ``text_embedding.cache`` also stored in / read from that file."""
+        if not isinstance(text_opt, dict) or not text_opt.get('prompts'):
+            raise ValueError(f'network_g {self.opt["network_g"].get("type")} takes a CLIP text embedding of the task '
+                             'prompt: set text_embedding: {clip_model: ViT-B-32, pretrained: openai, prompts: [one '
+                             'per label], mode: oracle | blind} (see options/train/DFPIR_NHR.yml)')
+        mode = text_opt.get('mode', 'oracle')
+        if mode not in TEXT_PROMPT_MODES:
+            raise ValueError(f'text_embedding.mode: expected one of {TEXT_PROMPT_MODES}, got {mode!r}')
+        if mode == 'blind' and self.net_clip is None:
+            raise ValueError('text_embedding.mode: blind picks the prompt of the degradation type that network_clip '
+                             'classifies the image as: set network_clip (the CLIP stage), or use mode: oracle')
+        prompts = [str(p) for p in text_opt['prompts']]
+        if mode == 'blind' and len(prompts) != self.net_clip.num_types:
+            raise ValueError(f'text_embedding.prompts has {len(prompts)} prompts but network_clip knows '
+                             f'{self.net_clip.num_types} degradation types; blind mode needs one prompt per type')
+        source = {'clip_model': text_opt.get('clip_model', 'ViT-B-32'), 'pretrained': text_opt.get('pretrained',
+                                                                                                    'openai')}
+        cache = text_opt.get('cache')
+        codes = None
+        if cache and os.path.isfile(cache):
+            stored = torch.load(cache, map_location='cpu', weights_only=True)
+            if stored.get('prompts') == prompts and stored.get('source') == source:
+                codes = stored['codes']
+        if codes is None:
+            clip = build_network({'type': 'DegradationCLIP', **source, 'prompts': prompts,
+                                  **{k: v for k, v in text_opt.items() if k in ('cache_dir', 'allow_download')}})
+            with torch.no_grad():
+                codes = clip.encode_text().float().cpu()
+            del clip
+            if cache:
+                os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+                torch_save_atomic({'prompts': prompts, 'source': source, 'codes': codes}, cache)
+        if codes.shape != (len(prompts), CLIP_DIM):
+            raise ValueError(f'text_embedding: expected ({len(prompts)}, {CLIP_DIM}) text codes, got {tuple(codes.shape)}')
+        self.text_codes, self.text_mode, self.text_prompts = codes.to(self.device), mode, prompts
+        get_root_logger().info(f'Text codes: {len(prompts)} prompts embedded once by {source["clip_model"]} '
+                               f'({source["pretrained"]}); prompt chosen by {TEXT_PROMPT_MODES[mode]}')
+
+    def text_code(self, lq, label=None, embedding=None):
+        """(B, CLIP_DIM) text codes: row ``label`` of the table (oracle) or of the type network_clip
+        classifies ``lq`` as (blind; ``embedding`` is its CLIP embedding when already computed)."""
+        if self.text_mode == 'oracle':
+            if label is None:
+                raise ValueError('text_embedding.mode: oracle takes the prompt of each image\'s known task (its label); '
+                                 'these images have none: use mode: blind (with network_clip)')
+            index = torch.as_tensor(label, device=self.device).long().view(-1)
+        else:
+            if embedding is None:
+                embedding = self.degradation_embedding(lq)
+            index = self.net_clip.classify_embedding(embedding).argmax(dim=1)
+        return self.text_codes.to(device=lq.device, dtype=lq.dtype)[index.to(lq.device)]
+
+    def network_input(self, lq, label=None, embedding=None):
+        """What ``network_g`` takes besides the image (vlunet.archs.conditioning): VLU-Net's CLIP image
+        embedding, DFPIR's text code, or None."""
+        if self.condition == TEXT_EMBEDDING:
+            return self.text_code(lq, label, embedding)
+        if self.condition == DEGRADATION_EMBEDDING:
+            return self.degradation_embedding(lq) if embedding is None else embedding
+        return None
+
+    def run_network(self, net, lq, extra=None):
+        return net(lq) if self.condition is None else net(lq, extra)
+
+    def describe_conditioning(self):
+        """How this model conditions network_g, for model.json and the comparison table."""
+        if self.condition == TEXT_EMBEDDING:
+            return f'text prompt ({self.text_mode})'
+        if self.condition == DEGRADATION_EMBEDDING:
+            return 'CLIP image embedding' if self.net_clip is not None else 'no embedding (uniform type weights)'
+        return None
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """Load ``path.pretrain_network_g``: BasicSR files and the published formats alike.
@@ -182,6 +263,10 @@ class VLUNetModel(SRModel):
     # ------------------------------------------------------------------ training
     def init_training_settings(self):
         super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
+        train_opt = self.opt['train']
+        self.cri_fft = build_loss(train_opt['fft_opt']).to(self.device) if train_opt.get('fft_opt') else None
+        self.cri_balance = build_loss(train_opt['balance_opt']).to(self.device) if train_opt.get('balance_opt') \
+            else None
         logger = get_root_logger()
         self.train_step = TrainStep(self.opt['train'], self.device, logger)
         batch = (self.opt.get('datasets') or {}).get('train', {}).get('batch_size_per_gpu')
@@ -220,17 +305,20 @@ class VLUNetModel(SRModel):
         """The weighted loss terms of one micro-batch ``(lq, gt, label)``; keeps its restored image."""
         lq, gt, label = chunks
         losses = OrderedDict()
+        embedding = None
         if self.cri_clip is not None:  # CLIP adapters trained alongside: contrastive loss, detached embedding
             image_features = self.net_clip(lq)
             losses['l_clip'] = self.cri_clip(image_features, self.net_clip.text_features(), label)
             embedding = image_features.detach()
-        else:
-            embedding = self.degradation_embedding(lq)
-        output = self.run_network(self.net_g, lq, embedding)
+        output = self.run_network(self.net_g, lq, self.network_input(lq, label, embedding))
         stages = list(output) if isinstance(output, (list, tuple)) else [output]
         self._outputs.append(stages[0].detach())
         if self.cri_pix:
             losses['l_pix'] = sum(self.cri_pix(stage, gt) for stage in stages)
+        if self.cri_fft is not None:
+            losses['l_fft'] = self.cri_fft(stages[0], gt)
+        if self.cri_balance is not None:  # e.g. MoCE-IR: weight x the network's total_loss of this forward
+            losses['l_balance'] = self.cri_balance(self.get_bare_model(self.net_g))
         if self.cri_perceptual:
             l_percep, l_style = self.cri_perceptual(stages[0], gt)
             for name, value in (('l_percep', l_percep), ('l_style', l_style)):
@@ -273,26 +361,26 @@ class VLUNetModel(SRModel):
         forward = self.get_bare_model(net or self.net_g).forward
         return 'return_stages' in inspect.signature(forward).parameters
 
-    def restore(self, lq, net=None, tile=None, tile_overlap=16, embedding=None, return_stages=False):
+    def restore(self, lq, net=None, tile=None, tile_overlap=16, embedding=None, return_stages=False, label=None):
         """Restore a (B,3,H,W) batch in [0,1]: pad to a multiple of 8 (or tile), run, crop back.
 
         ``embedding``: the CLIP embedding of ``lq`` when the caller already has it (it is computed
-        here otherwise). ``return_stages``: return ``(restored, stages)``, the unfolding stages that
-        this same forward recorded (``VLUNet(..., return_stages=True)``), or ``stages = None`` when
-        the network records none or the image ran as several tiles (no second forward is made).
+        here otherwise). ``label``: the images' task indices (DFPIR's oracle prompt). ``return_stages``:
+        return ``(restored, stages)``, the unfolding stages that this same forward recorded
+        (``VLUNet(..., return_stages=True)``), or ``stages = None`` when the network records none or
+        the image ran as several tiles (no second forward is made).
         """
         net = net or (self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
-        if embedding is None:
-            embedding = self.degradation_embedding(lq)
+        extra = self.network_input(lq, label, embedding)  # one embedding for the whole image, all tiles
         record = return_stages and self.records_stages(net)
         recorded = []
 
         def fn(x):
             if record:
-                out, stages = net(x, embedding, return_stages=True)
+                out, stages = net(x, extra, return_stages=True)
                 recorded.append(stages)
                 return _first(out)
-            return _first(self.run_network(net, x, embedding))
+            return _first(self.run_network(net, x, extra))
 
         if tile:
             out = tiled_forward(fn, lq, tile, tile_overlap)
@@ -311,7 +399,8 @@ class VLUNetModel(SRModel):
         net.eval()
         val_opt = self.opt.get('val') or {}
         with torch.no_grad(), autocast(self.device, parse_amp(val_opt.get('amp', False), 'val.amp')):
-            self.output = self.restore(self.lq, net, val_opt.get('tile'), val_opt.get('tile_overlap', 16))
+            self.output = self.restore(self.lq, net, val_opt.get('tile'), val_opt.get('tile_overlap', 16),
+                                       label=self.label)
         self.output = self.output.float()
         if was_training:
             net.train()

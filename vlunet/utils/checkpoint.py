@@ -7,8 +7,10 @@ format (``source_format``)  layout
 ==========================  ==================================================================
 ``lightning-vlunet``        VLU-Net Lightning ``.ckpt``: ``{'state_dict': {'net.<key>': ...,
                             'model_degradation.<CLIP and adapter keys>': ...}, ...}``
-``lightning``               PromptIR Lightning ``.ckpt``: ``{'state_dict': {'net.<key>': ...}}``
-``state_dict``              DGUNet ``.pth``: ``{'state_dict': {'module.<key>': ...}, 'epoch', ...}``
+``lightning``               PromptIR, AdaIR and MoCE-IR Lightning ``.ckpt``: ``{'state_dict':
+                            {'net.<key>': ...}}``
+``state_dict``              DGUNet ``.pth``: ``{'state_dict': {'module.<key>': ...}, 'epoch', ...}``;
+                            DFPIR ``.pth.tar``: ``{'epoch', 'state_dict', 'optimizer', 'scheduler'}``
 ``params`` / ``params_ema`` Restormer ``.pth`` and BasicSR's own files: ``{'params': ...}``
                             (optionally also ``'params_ema'``)
 ``learnable_params``        VLU-Net's ``clip_tuned.pth`` (CLIP adapters only, no network)
@@ -47,7 +49,7 @@ ADAPTER_KEYS = tuple(f'{prefix}{i}.{p}' for prefix in ADAPTER_PREFIXES for i in 
                      for p in ('weight', 'bias'))
 
 EXPECTED = ("a published checkpoint: a Lightning .ckpt ({'state_dict': {'net.*': ...}}), "
-            "{'params': ...} / {'params_ema': ...} (BasicSR, Restormer), {'state_dict': ...} (DGUNet), "
+            "{'params': ...} / {'params_ema': ...} (BasicSR, Restormer), {'state_dict': ...} (DGUNet, DFPIR), "
             "{'learnable_params': ...} (clip_tuned.pth) or a bare state_dict of tensors")
 
 
@@ -156,6 +158,9 @@ def load_published_state_dict(path: str, trust_pickle: bool = False,
     ckpt = _torch_load(path, trust_pickle)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, expected {EXPECTED}')
+    if not ckpt:
+        raise CheckpointError(f"{path}: the checkpoint is empty ({{}}). DFPIR's training writes an empty file for "
+                              "every evaluation that was not the best so far; use one that holds 'state_dict'")
 
     if 'state_dict' in ckpt:
         state_dict = ckpt['state_dict']
