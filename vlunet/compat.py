@@ -92,27 +92,36 @@ def _normalise_local_rank_argv(argv):
     return out
 
 
+def _wrap_parse_options(marker, make_wrapper):
+    """Replace BasicSR's ``parse_options`` (also where basicsr.train / basicsr.test imported the
+    name) by ``make_wrapper(original)``, once per ``marker``."""
+    from basicsr.utils import options
+    original = options.parse_options
+    if getattr(original, marker, False):
+        return
+    wrapped = make_wrapper(original)
+    for name in ('_vlunet_local_rank', '_vlunet_seeded'):
+        setattr(wrapped, name, getattr(original, name, False))
+    setattr(wrapped, marker, True)
+    options.parse_options = wrapped
+    for module_name in ('basicsr.train', 'basicsr.test'):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, 'parse_options'):
+            module.parse_options = wrapped
+
+
 def fix_local_rank_argument():
     """Symptom: ``error: unrecognized arguments: --local-rank=0`` under torch's distributed launchers.
 
     BasicSR's parser knows ``--local_rank`` only. Accept the hyphenated spelling as well.
     """
-    from basicsr.utils import options
-    original = options.parse_options
-    if getattr(original, '_vlunet_wrapped', False):
-        return
+    def make_wrapper(original):
+        def parse_options(root_path, is_train=True):
+            sys.argv[1:] = _normalise_local_rank_argv(sys.argv[1:])
+            return original(root_path, is_train=is_train)
+        return parse_options
 
-    def parse_options(root_path, is_train=True):
-        sys.argv[1:] = _normalise_local_rank_argv(sys.argv[1:])
-        return original(root_path, is_train=is_train)
-
-    parse_options._vlunet_wrapped = True
-    options.parse_options = parse_options
-    # basicsr.train / basicsr.test imported the name directly
-    for module_name in ('basicsr.train', 'basicsr.test'):
-        module = sys.modules.get(module_name)
-        if module is not None and hasattr(module, 'parse_options'):
-            module.parse_options = parse_options
+    _wrap_parse_options('_vlunet_local_rank', make_wrapper)
 
 
 def fix_force_yml_seed():
@@ -122,24 +131,17 @@ def fix_force_yml_seed():
     Seed again, with ``manual_seed + rank``, once the options are final (nothing draws random
     numbers in between, so runs without the override are unchanged).
     """
-    from basicsr.utils import options, set_random_seed
-    original = options.parse_options
-    if getattr(original, '_vlunet_seeded', False):
-        return
+    from basicsr.utils import set_random_seed
 
-    def parse_options(root_path, is_train=True):
-        opt, args = original(root_path, is_train=is_train)
-        if opt.get('manual_seed') is not None:
-            set_random_seed(int(opt['manual_seed']) + int(opt.get('rank', 0)))
-        return opt, args
+    def make_wrapper(original):
+        def parse_options(root_path, is_train=True):
+            opt, args = original(root_path, is_train=is_train)
+            if opt.get('manual_seed') is not None:
+                set_random_seed(int(opt['manual_seed']) + int(opt.get('rank', 0)))
+            return opt, args
+        return parse_options
 
-    parse_options._vlunet_seeded = True
-    parse_options._vlunet_wrapped = True
-    options.parse_options = parse_options
-    for module_name in ('basicsr.train', 'basicsr.test'):
-        module = sys.modules.get(module_name)
-        if module is not None and hasattr(module, 'parse_options'):
-            module.parse_options = parse_options
+    _wrap_parse_options('_vlunet_seeded', make_wrapper)
 
 
 # ---------------------------------------------------------------------------------------------
