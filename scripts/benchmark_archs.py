@@ -33,7 +33,25 @@ CONFIGS = {
     'PromptIR': {'type': 'PromptIR', 'decoder': True},
     'DGUNet': {'type': 'DGUNet', 'n_feat': 80, 'scale_unetfeats': 48, 'scale_orsnetfeats': 32},
     'DGUNetPlus': {'type': 'DGUNetPlus'},
+    'AdaIR': {'type': 'AdaIR'},
+    # the released MoCE-IR models (vlunet.archs.moceir_arch.RELEASED_CONFIGS; a test checks they agree)
+    'MoCEIR-S': {'type': 'MoCEIR', 'dim': 32, 'levels': 4, 'num_blocks': [4, 6, 6, 8], 'num_dec_blocks': [2, 4, 4],
+                 'num_refinement_blocks': 4, 'heads': [1, 2, 4, 8], 'rank': 2, 'num_experts': 4, 'topk': 1,
+                 'stage_depth': [1, 1, 1], 'rank_type': 'spread', 'depth_type': 'constant', 'with_complexity': False,
+                 'complexity_scale': 'max'},
+    'MoCEIR': {'type': 'MoCEIR', 'dim': 48, 'levels': 4, 'num_blocks': [4, 6, 6, 8], 'num_dec_blocks': [2, 4, 4],
+               'num_refinement_blocks': 4, 'heads': [1, 2, 4, 8], 'rank': 2, 'num_experts': 4, 'topk': 1,
+               'stage_depth': [1, 1, 1], 'rank_type': 'spread', 'depth_type': 'constant', 'with_complexity': False,
+               'complexity_scale': 'max'},
+    'DFPIR': {'type': 'DFPIR'},
 }
+
+
+def registered(name, configs=CONFIGS):
+    """Whether the arch of ``configs[name]`` is in BasicSR's ARCH_REGISTRY (archs being added may not be yet)."""
+    import vlunet  # noqa: F401
+    from basicsr.utils.registry import ARCH_REGISTRY
+    return name in configs and configs[name]['type'] in ARCH_REGISTRY
 
 
 def _proc_status_mb(field):
@@ -65,13 +83,30 @@ def _reset_peak_rss():
         pass
 
 
-def _build(name, reference=None):
+def _start_peak_memory(device):
+    """Reset the peak-memory counter of ``device``; returns the baseline (MB) the peak is measured from."""
+    import torch
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    baseline = _current_rss_mb()
+    _reset_peak_rss()  # what was built before (e.g. both implementations for --reference) must not count
+    return baseline
+
+
+def _peak_memory_mb(device, baseline):
+    """Peak memory (MB) above ``baseline`` since :func:`_start_peak_memory`."""
+    import torch
+    return (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else _peak_rss_mb()) - baseline
+
+
+def _build(name, reference=None, configs=CONFIGS, **overrides):
     import torch
 
     import vlunet  # noqa: F401
     from basicsr.archs import build_network
     torch.manual_seed(0)
-    ours = build_network(dict(CONFIGS[name]))
+    ours = build_network(dict(configs[name], **overrides))
     if reference is None:
         return ours
     spec = importlib.util.spec_from_file_location('published_vlunet', reference)
@@ -82,12 +117,16 @@ def _build(name, reference=None):
     return published
 
 
-def _inputs(name, batch, size, device):
+def _inputs(name, batch, size, device, configs=CONFIGS):
+    """(target, forward arguments): the image, plus a (B, CLIP_DIM) embedding for conditioned archs."""
     import torch
+
+    import vlunet  # noqa: F401
+    from vlunet.archs.conditioning import CLIP_DIM, condition_of
     g = torch.Generator().manual_seed(1)
     x = torch.rand(batch, 3, size, size, generator=g).to(device)
-    if name == 'VLUNet':
-        return x, (x, torch.randn(batch, 512, generator=g).to(device))
+    if condition_of(configs[name]) is not None:
+        return x, (x, torch.randn(batch, CLIP_DIM, generator=g).to(device))
     return x, (x, )
 
 
@@ -130,12 +169,7 @@ def measure(name, what, device, threads, repeats, reference=None, channels_last=
         net.train()
         target, args = _inputs(name, 2, 128, device)
         gc.collect()
-        if device.startswith('cuda'):
-            torch.cuda.reset_peak_memory_stats()
-            baseline = torch.cuda.memory_allocated() / 2**20
-        else:
-            baseline = _current_rss_mb()
-            _reset_peak_rss()  # building (e.g. both implementations for --reference) must not count
+        baseline = _start_peak_memory(device)
         times, cpu_times = [], []
         for i in range(repeats + 1):  # the first is warm-up
             sync()
@@ -148,7 +182,7 @@ def measure(name, what, device, threads, repeats, reference=None, channels_last=
                 cpu_times.append(time.process_time() - cpu)
             del out
             net.zero_grad(set_to_none=True)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else _peak_rss_mb()) - baseline
+        peak = _peak_memory_mb(device, baseline)
         result.update(train_step_s=statistics.median(times), train_step_best_s=min(times),
                       train_step_cpu_s=statistics.median(cpu_times), peak_mb=peak)
     return result
@@ -165,9 +199,10 @@ def static_figures(name):
     return {'params_M': params / 1e6, 'gmacs_256': count_gmacs(CONFIGS[name])}
 
 
-def _subprocess(args):
-    cmd = [sys.executable, os.path.abspath(__file__), '--_child', json.dumps(args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _subprocess(args, script=__file__, timeout=None):
+    """``script --_child JSON(args)`` in a fresh interpreter; returns the JSON its last output line holds."""
+    cmd = [sys.executable, os.path.abspath(script), '--_child', json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f'{args}: {proc.stderr[-2000:]}')
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -193,12 +228,10 @@ def main(argv=None):
 
     import torch
 
-    import vlunet  # noqa: F401
-    from basicsr.utils.registry import ARCH_REGISTRY
     tmp = tempfile.mkdtemp(prefix='vlunet-bench-')
     rows = []
     for name in args.archs:
-        if name not in CONFIGS or name not in ARCH_REGISTRY:
+        if not registered(name):
             print(f'skipping {name}: not a registered restoration arch', file=sys.stderr)
             continue
         impls = [None] + ([args.reference] if args.reference and name == 'VLUNet' else [])
