@@ -50,11 +50,10 @@ def _need_browser():
         pytest.skip(message)
 
 
-def _start_app(opt, cwd, temp, max_pixels):
+def _start_app(opt, cwd, temp):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', TMPDIR=str(temp))
-    proc = subprocess.Popen([sys.executable, '-m', 'vlunet.app', '-opt', opt, '--port', '0', '--device', 'cpu',
-                             '--max-pixels', str(max_pixels)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, '-m', 'vlunet.app', '-opt', opt, '--port', '0', '--device', 'cpu'],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     seen, deadline = [], time.monotonic() + 120
@@ -149,10 +148,9 @@ def test_app_in_headless_chromium(tmp_path):
                                 tmp_path / 'small.png')
     _noisy_photo(photo)
     notes.write_text('not an image')
-    cv2.imwrite(str(big), np.zeros((200, 250, 3), np.uint8))     # 50000 pixels > limit
+    cv2.imwrite(str(big), np.zeros((2100, 2100, 3), np.uint8))  # above the default limit, 2048 x 2048
     cv2.imwrite(str(small), np.full((30, 41, 3), 128, np.uint8))
-    proc, host, log = _start_app(opt, os.getcwd() if os.environ.get('VLUNET_APP_OPT') else str(tmp_path), apptmp,
-                                 max_pixels=40000)
+    proc, host, log = _start_app(opt, os.getcwd() if os.environ.get('VLUNET_APP_OPT') else str(tmp_path), apptmp)
     base = f'http://{host}/'
     driver = None
     try:
@@ -196,7 +194,7 @@ def test_app_in_headless_chromium(tmp_path):
         assert 'notes.txt: cannot decode the image' in status and 'expected an image file' in status
         _upload(driver, wait, big)
         status = _restore(driver, wait, 'Not restored (1)')
-        assert 'big.png: the image is 250x200 (50000 pixels), above the limit of 40000 pixels' in status
+        assert 'big.png: the image is 2100x2100 (4.4 megapixels), above the limit of 4.2 megapixels' in status
         assert 'Traceback' not in driver.find_element(By.TAG_NAME, 'body').text
         assert not driver.find_elements(By.CSS_SELECTOR, '#restored img')  # the old result is not left shown
 

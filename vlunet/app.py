@@ -247,7 +247,7 @@ def build_page(restorer, title):
             with gr.Column(scale=2):
                 top = gr.Markdown('', elem_id='top-type')
                 chart = gr.BarPlot(x='prompt', y='probability', title='CLIP probability of each degradation prompt',
-                                   y_lim=[0, 1], sort='-y', x_label_angle=-30, height=360, visible=False,
+                                   y_lim=[0, 1], sort='-y', x_label_angle=-60, height=380, visible=False,
                                    elem_id='report')
         stages = gr.Image(label='What the model saw: every unfolding stage (features after the gradient and '
                                 'proximal steps, degradation weights)', type='numpy', format='png',
