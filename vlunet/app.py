@@ -26,6 +26,7 @@ decoding: un-tiled, the demo-sized VLU-Net needs about 2 GB of memory per megapi
 import argparse
 import atexit
 import html
+import importlib.util
 import os
 import re
 import secrets
@@ -314,10 +315,9 @@ def _no_demo_message():
             f'[--model CKPT]')
 
 
-def _offline_environment(temp):
-    """Before Gradio is imported: no analytics, no Hugging Face calls, uploads in our own folder."""
+def _offline_environment():
+    """Before Gradio is imported: no analytics, no share link, no Hugging Face Hub calls."""
     os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'
-    os.environ['GRADIO_TEMP_DIR'] = temp
     os.environ['HF_HUB_OFFLINE'] = '1'
     os.environ['HF_HUB_DISABLE_TELEMETRY'] = '1'
     os.environ.pop('GRADIO_SHARE', None)
@@ -363,15 +363,11 @@ def main(argv=None):
         print(f'error: --max-pixels must be >= 0 (0: no limit), got {args.max_pixels}', file=sys.stderr)
         return 2
 
-    temp = tempfile.mkdtemp(prefix='vlunet-app-')
-    atexit.register(shutil.rmtree, temp, True)
-    _offline_environment(os.path.join(temp, 'uploads'))
-    try:
-        import gradio  # noqa: F401
-        import uvicorn
-    except ImportError as err:
-        print(f'error: vlunet-app needs the app extra ({err}); install it with: pip install -e ".[app]"',
-              file=sys.stderr)
+    _offline_environment()
+    missing = [name for name in ('gradio', 'fastapi', 'uvicorn', 'pandas') if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f'error: vlunet-app needs the app extra (missing: {", ".join(missing)}); install it with: '
+              'pip install -e ".[app]"', file=sys.stderr)
         return 2
 
     import torch
@@ -381,6 +377,11 @@ def main(argv=None):
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f'error: {err.args[0] if err.args else err}', file=sys.stderr)
         return 2
+
+    temp = tempfile.mkdtemp(prefix='vlunet-app-')
+    atexit.register(shutil.rmtree, temp, True)
+    os.environ['GRADIO_TEMP_DIR'] = os.path.join(temp, 'uploads')  # before Gradio is imported (make_app)
+    import uvicorn
     try:
         sock = _listen(args.host, args.port)
     except OSError as err:
