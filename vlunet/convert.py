@@ -4,8 +4,8 @@
     python -m vlunet.convert ...
 
 SRC may be any format read by :func:`vlunet.utils.checkpoint.load_published_state_dict`
-(VLU-Net / PromptIR Lightning .ckpt, Restormer .pth, DGUNet .pth, BasicSR files, a bare
-state_dict). The architecture and its constructor arguments are inferred from the keys and
+(VLU-Net / PromptIR / AdaIR / MoCE-IR Lightning .ckpt, Restormer .pth, DGUNet .pth, DFPIR .pth.tar,
+BasicSR files, a bare state_dict). The architecture and its constructor arguments are inferred from the keys and
 shapes unless given; the network is built from BasicSR's ARCH_REGISTRY and the weights must
 load into it with ``strict=True``, otherwise nothing is written and the missing / unexpected
 keys and shape mismatches are reported. Outputs are written atomically (temporary file, then
@@ -145,8 +145,8 @@ def convert(src, dst, arch=None, arch_opts=None, clip_out=None, trust_pickle=Fal
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog=PROG, description='Convert a published VLU-Net / PromptIR / Restormer / DGUNet checkpoint into a '
-        "BasicSR {'params': state_dict} file, verified by a strict load into the architecture.")
+        prog=PROG, description='Convert a published VLU-Net / PromptIR / Restormer / DGUNet / AdaIR / MoCE-IR / DFPIR '
+        "checkpoint into a BasicSR {'params': state_dict} file, verified by a strict load into the architecture.")
     parser.add_argument('src', metavar='SRC', help='published checkpoint (.ckpt / .pth)')
     parser.add_argument('dst', metavar='DST', help="output file, {'params': state_dict}")
     parser.add_argument('--arch', metavar='NAME', help='ARCH_REGISTRY name (default: inferred from the keys)')
