@@ -12,10 +12,14 @@ memory figures do not mix. Prints a Markdown table; ``--csv`` also writes CSV.
     python scripts/benchmark_archs.py                          # all archs, CPU, 2 threads
     python scripts/benchmark_archs.py --archs VLUNet --repeats 5 --device cuda
     python scripts/benchmark_archs.py --archs VLUNet --reference /path/to/VLU-Net/net/Final.py
+    python scripts/benchmark_archs.py --archs AdaIR MoCEIR-S DFPIR --reference AdaIR=/src/AdaIR/net/model.py \
+        MoCEIR-S=/src/MoCE-IR/src/net/moce_ir.py DFPIR=/src/DFPIR/net/model.py
 
-``--reference`` also times the published VLU-Net (its ``net/Final.py``, which needs ``einops``)
-with the SAME weights and inputs, checks that the outputs agree within float32 rounding, and
-prints the speed-up and memory ratio.
+``--reference [ARCH=]FILE ...`` also times the published implementation (its source file from a
+checkout of the authors' repository; they need ``einops``) with the SAME weights and inputs, checks
+that the outputs agree within float32 rounding, and prints the speed-up and memory ratio. A bare
+FILE means VLUNet. Modules the published files import but their networks never use (OpenAI's
+``clip`` in DFPIR, ``fvcore`` in MoCE-IR) are replaced by empty stand-ins when not installed.
 """
 import argparse
 import csv
@@ -100,6 +104,54 @@ def _peak_memory_mb(device, baseline):
     return (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else _peak_rss_mb()) - baseline
 
 
+def _kwargs(config):
+    return {k: v for k, v in config.items() if k != 'type'}
+
+
+# arch -> (class in the published file, (args, kwargs) of its constructor from our config, modules the
+# file imports that its network never uses)
+PUBLISHED = {
+    'VLUNet': ('VLUNet', lambda c: ((c['de_dim'], ), {}), ()),
+    'AdaIR': ('AdaIR', lambda c: ((), {'decoder': True}), ()),
+    'MoCEIR-S': ('MoCEIR', lambda c: ((), _kwargs(c)), ('fvcore', 'fvcore.nn')),
+    'MoCEIR': ('MoCEIR', lambda c: ((), _kwargs(c)), ('fvcore', 'fvcore.nn')),
+    'DFPIR': ('ChannelShuffle_skip_textguaid', lambda c: ((), {'device': 'cpu'}), ('clip', )),
+}
+
+
+def _stand_in(module_name):
+    """An empty module for an import the published network never uses (its names return None)."""
+    import types
+    module = types.ModuleType(module_name)
+    module.__path__ = []  # a package, so that its submodules (fvcore.nn) can be stood in too
+
+    def getattr_(attr):
+        if attr.startswith('__'):
+            raise AttributeError(attr)
+        return lambda *args, **kwargs: None
+
+    module.__getattr__ = getattr_
+    return module
+
+
+def _load_published(name, path):
+    """The published class of ``name`` from its source file (its repository root on sys.path)."""
+    cls_name, _, unused = PUBLISHED[name]
+    folder = os.path.dirname(os.path.abspath(path))
+    for p in (folder, os.path.dirname(folder)):  # 'from net.arch_util import ...' and sibling imports
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    for module_name in unused:
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            sys.modules[module_name] = _stand_in(module_name)
+    spec = importlib.util.spec_from_file_location(f'published_{name.replace("-", "_")}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, cls_name)
+
+
 def _build(name, reference=None, configs=CONFIGS, **overrides):
     import torch
 
@@ -109,10 +161,8 @@ def _build(name, reference=None, configs=CONFIGS, **overrides):
     ours = build_network(dict(configs[name], **overrides))
     if reference is None:
         return ours
-    spec = importlib.util.spec_from_file_location('published_vlunet', reference)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    published = module.VLUNet(CONFIGS[name]['de_dim'])
+    args, kwargs = PUBLISHED[name][1](configs[name])
+    published = _load_published(name, reference)(*args, **kwargs)
     published.load_state_dict(ours.state_dict(), strict=True)
     return published
 
@@ -154,6 +204,7 @@ def measure(name, what, device, threads, repeats, reference=None, channels_last=
         net.eval()
         _, args = _inputs(name, 1, 256, device)
         with torch.no_grad():
+            torch.manual_seed(2)  # the same draws for both implementations (MoCE-IR's routing noise)
             out = _first(net(*args))
             times = []
             for _ in range(repeats):
@@ -216,7 +267,9 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--checkpointing', action='store_true', help='activation checkpointing (VLUNet)')
-    parser.add_argument('--reference', help="the published VLU-Net's net/Final.py, timed side by side")
+    parser.add_argument('--reference', nargs='+', default=[], metavar='[ARCH=]FILE',
+                        help='published source files timed side by side (a bare FILE is VLUNet\'s net/Final.py); '
+                        f'ARCH one of {", ".join(PUBLISHED)}')
     parser.add_argument('--csv', help='also write the table as CSV')
     parser.add_argument('--_child', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -228,13 +281,21 @@ def main(argv=None):
 
     import torch
 
+    references = {}
+    for item in args.reference:
+        arch, sep, path = item.rpartition('=')
+        arch = arch if sep else 'VLUNet'
+        if arch not in PUBLISHED or not os.path.isfile(path):
+            parser.error(f'--reference {item}: expected ARCH=FILE with ARCH one of {", ".join(PUBLISHED)} and an '
+                         'existing published source file')
+        references[arch] = path
     tmp = tempfile.mkdtemp(prefix='vlunet-bench-')
     rows = []
     for name in args.archs:
         if not registered(name):
             print(f'skipping {name}: not a registered restoration arch', file=sys.stderr)
             continue
-        impls = [None] + ([args.reference] if args.reference and name == 'VLUNet' else [])
+        impls = [None] + ([references[name]] if name in references else [])
         static = static_figures(name)
         for reference in impls:
             common = dict(name=name, device=args.device, threads=args.threads, repeats=args.repeats,
@@ -259,11 +320,13 @@ def main(argv=None):
         print(f'| {r["arch"]} | {r["params_M"]:.2f} | {r["gmacs_256"]:.1f} | {r["forward_s"]:.2f} | '
               f'{r["train_step_s"]:.2f} ({r["train_step_best_s"]:.2f}) | {r["train_step_cpu_s"]:.2f} | '
               f'{r["peak_mb"]:.0f} |')
-    pub = next((r for r in rows if r['arch'] == 'VLUNet (published)'), None)
-    ours = next((r for r in rows if r['arch'] == 'VLUNet (vlunet)'), None)
-    if pub and ours:
+    for name in references:
+        pub = next((r for r in rows if r['arch'] == f'{name} (published)'), None)
+        ours = next((r for r in rows if r['arch'] == f'{name} (vlunet)'), None)
+        if not (pub and ours):
+            continue
         diff = (torch.load(pub['output']) - torch.load(ours['output'])).abs().max().item()
-        print(f'\nVLUNet vs published (same weights and inputs): fwd+bwd speed-up '
+        print(f'\n{name} vs published (same weights and inputs): fwd+bwd speed-up '
               f'{pub["train_step_s"] / ours["train_step_s"]:.2f}x '
               f'(best {pub["train_step_best_s"] / ours["train_step_best_s"]:.2f}x, '
               f'CPU time {pub["train_step_cpu_s"] / ours["train_step_cpu_s"]:.2f}x), forward speed-up '
