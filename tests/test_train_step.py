@@ -183,3 +183,21 @@ def test_clip_adapters_trained_alongside_accumulate_too(tmp_path):
     # the key biases of CLIP's attention have a gradient that is zero in exact arithmetic; its rounding
     # noise (~1e-15) differs with the split and Adam's first step magnifies it: 1e-9 still rules out logic errors
     assert net_clip < 1e-9
+
+
+def test_bf16_training_loss_decreases_on_demo_images(tmp_path, demo_images):
+    from basicsr.data import build_dataset
+    ds = build_dataset({'name': 'demo', 'type': 'AllInOneDataset', 'phase': 'train', 'gt_size': 32,
+                        'sources': [{'name': 'noise', 'label': 0, 'dataroot_gt': str(demo_images),
+                                     'degradation': {'type': 'gaussian_noise_uint8', 'sigma': 50}}]})
+    torch.manual_seed(0)
+    items = [ds[i] for i in range(4)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in ('lq', 'gt')}
+    batch['label'] = torch.zeros(4, dtype=torch.long)
+    model = build_model(_opt(tmp_path, amp='bf16', optim_g={'type': 'AdamW', 'lr': 2e-3}))
+    losses = []
+    for it in range(1, 13):
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+        losses.append(model.log_dict['l_pix'])
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
