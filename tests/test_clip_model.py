@@ -226,3 +226,24 @@ def test_two_stage_demo_without_the_clip_stage_names_what_to_run(tmp_path):
     assert 'network_clip.load_path: experiments/CLIPAdapter_demo/models/net_g_latest.pth' in proc.stderr
     assert 'CLIPAdapter_demo.yml' in proc.stderr
     assert os.listdir(tmp_path) == []  # refused before BasicSR created experiments/ or tb_logger/
+
+
+def test_accumulated_micro_batches_give_the_large_batch_step(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    batch = {'lq': torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64), 'label': torch.tensor([0, 1, 2, 1])}
+    results = {}
+    for accumulate in (1, 2):
+        model = build(tmp_path, accumulate_grad_batches=accumulate,
+                      contrastive_opt={'type': 'DegradationContrastiveLoss', 'normalize': True,
+                                       'temperature': 0.07, 'learnable_temperature': True})
+        model.net_g.double()
+        model.cri_contrastive.double()
+        model.feed_data(batch)
+        model.optimize_parameters(1)
+        results[accumulate] = ({k: v.clone() for k, v in model.net_g.adapter_state_dict().items()},
+                               model.cri_contrastive.logit_scale.detach().clone(), model.log_dict)
+    one, two = results[1], results[2]
+    assert max((one[0][k] - two[0][k]).abs().max().item() for k in one[0]) < 1e-10
+    assert abs(one[1] - two[1]).item() < 1e-12
+    assert one[2]['l_contrastive'] == pytest.approx(two[2]['l_contrastive'], abs=1e-10)
+    assert one[2]['acc'] == two[2]['acc']
