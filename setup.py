@@ -29,11 +29,13 @@ setup(
         'pyyaml',
         'tqdm',
         'numpy',
+        'scikit-image',  # the published PSNR/SSIM (vlunet/metrics); basicsr requires it as well
+        'Pillow',  # truncated-JPEG check of the image reader
         'setuptools',  # basicsr imports distutils, which Python 3.12 no longer ships
     ],
     # app: vlunet-app, the local restore page (Gradio 6 built-ins: ImageSlider, BarPlot, buttons=);
     # test: everything its tests need, the app and the browser test's driver included
-    extras_require={'app': APP_REQUIRES, 'test': ['pytest>=7', 'scikit-image', 'selenium>=4.10'] + APP_REQUIRES},
+    extras_require={'app': APP_REQUIRES, 'test': ['pytest>=7', 'selenium>=4.10'] + APP_REQUIRES},
     entry_points={
         'console_scripts': [
             'vlunet-train=vlunet.train:main',
