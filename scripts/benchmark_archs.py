@@ -333,12 +333,16 @@ def main(argv=None):
               f'{pub["forward_s"] / ours["forward_s"]:.2f}x, peak memory {ours["peak_mb"] / pub["peak_mb"]:.2f}x; '
               f'max |output difference| {diff:.1e} (float32)')
     if args.csv:
-        with open(args.csv, 'w', newline='') as f:
-            fields = [k for k in rows[0] if k != 'output']
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows, [k for k in rows[0] if k != 'output'])
     return 0
+
+
+def write_csv(path, rows, fields):
+    """The table's rows (dicts) as CSV with the given columns (also used by benchmark_train.py)."""
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 if __name__ == '__main__':

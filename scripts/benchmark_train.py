@@ -26,7 +26,6 @@ the measured peaks suggest fits into those memory sizes (an estimate: see ``esti
     python scripts/benchmark_train.py --quick --archs VLUNet --configs fp32 checkpoint   # tiny smoke test
 """
 import argparse
-import csv
 import inspect
 import math
 import os
@@ -274,12 +273,8 @@ def main(argv=None):
     if args.gpu_memory:
         print_estimates(rows, args.gpu_memory)
     if args.csv:
-        fields = ['arch', 'device', 'config', 'batch', 'micro_batch', 'samples_per_s', 'step_s', 'step_cpu_s',
-                  'first_step_s', 'peak_mb', 'params', 'note']
-        with open(args.csv, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
-            writer.writeheader()
-            writer.writerows(rows)
+        ba.write_csv(args.csv, rows, ['arch', 'device', 'config', 'batch', 'micro_batch', 'samples_per_s', 'step_s',
+                                      'step_cpu_s', 'first_step_s', 'peak_mb', 'params', 'note'])
     return 0
 
 
