@@ -263,18 +263,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--archs', nargs='+', default=list(CONFIGS))
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--threads', type=int, default=2, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--checkpointing', action='store_true', help='activation checkpointing (VLUNet)')
     parser.add_argument('--reference', nargs='+', default=[], metavar='[ARCH=]FILE',
                         help='published source files timed side by side (a bare FILE is VLUNet\'s net/Final.py); '
                         f'ARCH one of {", ".join(PUBLISHED)}')
-    parser.add_argument('--csv', help='also write the table as CSV')
-    parser.add_argument('--_child', help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args._child:
-        print(json.dumps(measure(**json.loads(args._child))))
+    args = parse_with_child(parser, argv, measure)
+    if args is None:
         return 0
 
     import tempfile
@@ -335,6 +331,19 @@ def main(argv=None):
     if args.csv:
         write_csv(args.csv, rows, [k for k in rows[0] if k != 'output'])
     return 0
+
+
+def parse_with_child(parser, argv, measure_fn):
+    """Add the options both benchmarks share (``--threads``, ``--csv`` and the hidden ``--_child``
+    of a measurement subprocess) and parse; in a child, run ``measure_fn`` and return None."""
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads (torch.set_num_threads)')
+    parser.add_argument('--csv', help='also write the table as CSV')
+    parser.add_argument('--_child', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._child:
+        print(json.dumps(measure_fn(**json.loads(args._child))))
+        return None
+    return args
 
 
 def write_csv(path, rows, fields):

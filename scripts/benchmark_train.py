@@ -134,7 +134,8 @@ def device_description(device, threads):
     """Where the numbers come from: CPU model, threads and torch version, or the GPU's name."""
     import torch
     if device.startswith('cuda'):
-        return f'{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}, CUDA {torch.version.cuda}'
+        name = torch.cuda.get_device_name(torch.device(device))
+        return f'{name}, torch {torch.__version__}, CUDA {torch.version.cuda}'
     model = platform.processor() or 'unknown CPU'
     try:
         with open('/proc/cpuinfo') as f:
@@ -211,19 +212,14 @@ def main(argv=None):
     parser.add_argument('--batch', type=int, help='batch per step (default 2 on CPU, 4 on CUDA)')
     parser.add_argument('--size', type=int, default=128, help='patch size')
     parser.add_argument('--steps', type=int, default=3, help='timed steps after one warm-up step')
-    parser.add_argument('--threads', type=int, default=2, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--exclude', nargs='+', default=[], metavar='ARCH:CONFIG',
                         help='measurements not to run (listed as excluded), e.g. MoCEIR:compile')
     parser.add_argument('--timeout', type=float, help='seconds per measurement before it is reported as timed out')
     parser.add_argument('--gpu-memory', nargs='+', type=float, default=[], metavar='GB',
                         help='also print the batch per GPU estimated to fit into these memory sizes')
     parser.add_argument('--quick', action='store_true', help='tiny networks (QUICK_CONFIGS), patch 32, one step')
-    parser.add_argument('--csv', help='also write the table as CSV')
-    parser.add_argument('--_child', help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args._child:
-        import json
-        print(json.dumps(measure_train(**json.loads(args._child))))
+    args = ba.parse_with_child(parser, argv, measure_train)
+    if args is None:
         return 0
     for config in args.configs:
         parse_config(config)

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, 'tests', 'fixtures')  # copies of the published reference data (../shared/reference)
 DEMO_TRAIN = os.path.join(REPO, 'options', 'train', 'VLUNet_demo.yml')
 
 # tiny overrides that keep the demo option file's structure but make a run take seconds
@@ -40,3 +41,30 @@ def demo_images(tmp_path):
     dst = tmp_path / 'clean'
     shutil.copytree(src, dst)
     return dst
+
+
+# --- the published reference fixtures and full-size key listings -----------------------------------
+def load_fixture(name):
+    """A parity fixture: config, state_dict, inputs and the published float64 output."""
+    import torch
+    return torch.load(os.path.join(FIXTURES, name), weights_only=True, map_location='cpu')
+
+
+def read_listing(name):
+    """A published full-size listing ``keys_*.tsv``: ``[(key, shape as written, e.g. '[48, 3, 3, 3]')]``."""
+    with open(os.path.join(FIXTURES, name), encoding='utf-8') as f:
+        return [tuple(line.split('\t')) for line in f.read().splitlines()]
+
+
+def state_dict_listing(net):
+    """``net``'s state_dict written like a listing, to compare with :func:`read_listing`."""
+    return [(k, str(list(v.shape))) for k, v in net.state_dict().items()]
+
+
+def listing_state_dict(name):
+    """A listing as a state_dict of meta tensors (keys and shapes only, e.g. for guess_arch)."""
+    import json
+    from collections import OrderedDict
+
+    import torch
+    return OrderedDict((k, torch.empty(json.loads(shape), device='meta')) for k, shape in read_listing(name))

@@ -1,8 +1,5 @@
 """AdaIR: exactly the published model (float64 fixtures, key list), the frequency band split where
 its low band is not empty, any size, gradients, and the architecture guess of a checkpoint."""
-import json
-import os
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -13,21 +10,12 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.adair_arch import FrequencyLearningBlock, split_bands
 from vlunet.utils.checkpoint import guess_arch
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+from conftest import listing_state_dict, load_fixture, read_listing, state_dict_listing
 TINY = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4])
 # constructed but without gradient in the published model: never used, or reached only through int()
 NO_GRADIENT = ('conv.weight', 'score_gen.weight', 'score_gen.bias', 'rate_conv.0.weight', 'rate_conv.2.weight')
 # With an empty low band (small inputs) channel_cross_h attends from zeros: its query side
 # (temperature, q, q_dwconv) gets zero gradients, in the published model too.
-
-
-def load_fixture(name):
-    return torch.load(os.path.join(FIXTURES, name), weights_only=True)
-
-
-def read_listing(name):
-    with open(os.path.join(FIXTURES, name)) as f:
-        return [tuple(line.split('\t')) for line in f.read().splitlines()]
 
 
 @pytest.mark.parametrize('name', ['AdaIR_A1.pt', 'AdaIR_A2.pt'])
@@ -44,7 +32,7 @@ def test_published_fixture_float64(name):
 def test_full_size_keys_shapes_order_and_count():
     with torch.device('meta'):
         net = ARCH_REGISTRY.get('AdaIR')(decoder=True)
-    assert [(k, str(list(v.shape))) for k, v in net.state_dict().items()] == read_listing('keys_AdaIR.tsv')
+    assert state_dict_listing(net) == read_listing('keys_AdaIR.tsv')
     assert sum(p.numel() for p in net.parameters()) == 28_784_824
 
 
@@ -231,19 +219,15 @@ def test_cross_attention_gradients_match_the_published_formulas():
 
 
 # --- which architecture is this checkpoint? ---------------------------------------------------------
-def meta_state_dict(listing):
-    return OrderedDict((k, torch.empty(json.loads(shape), device='meta')) for k, shape in read_listing(listing))
-
-
 def test_guess_arch_full_size_listing():
-    arch, kwargs = guess_arch(meta_state_dict('keys_AdaIR.tsv'))
+    arch, kwargs = guess_arch(listing_state_dict('keys_AdaIR.tsv'))
     assert arch == 'AdaIR'
     assert kwargs == dict(inp_channels=3, out_channels=3, dim=48, num_blocks=[4, 6, 6, 8], num_refinement_blocks=4,
                           heads=[1, 2, 4, 8], ffn_expansion_factor=2.66, bias=False, LayerNorm_type='WithBias',
                           decoder=True)
     # and the Restormer-family neighbours are still told apart
-    assert guess_arch(meta_state_dict('keys_Restormer.tsv'))[0] == 'Restormer'
-    assert guess_arch(meta_state_dict('keys_PromptIR_decoder.tsv'))[0] == 'PromptIR'
+    assert guess_arch(listing_state_dict('keys_Restormer.tsv'))[0] == 'Restormer'
+    assert guess_arch(listing_state_dict('keys_PromptIR_decoder.tsv'))[0] == 'PromptIR'
 
 
 @pytest.mark.parametrize('name', ['AdaIR_A1.pt', 'AdaIR_A2.pt'])

@@ -1,6 +1,5 @@
 """DFPIR: exactly the published model (float64 fixtures, key listing, parameter count), any size,
 gradients as published (none for the text projections), text_code checks, guess_arch."""
-import os
 
 import pytest
 import torch
@@ -13,13 +12,10 @@ from vlunet.archs.blocks import ChannelAttention, channel_attention, keep_larges
 from vlunet.archs.conditioning import CLIP_DIM, TEXT_EMBEDDING, condition_of
 from vlunet.utils.checkpoint import guess_arch
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+from conftest import listing_state_dict, load_fixture, read_listing, state_dict_listing
+
 NAMES = ['DFPIR_withbias.pt', 'DFPIR_biasfree.pt']
 TEXT_LAYERS = ('linear_layer1', 'linear_layer3')
-
-
-def load(name):
-    return torch.load(os.path.join(FIXTURES, name), weights_only=True)
 
 
 def fixture_net(fx):
@@ -39,7 +35,7 @@ def plain(monkeypatch):
 @pytest.mark.parametrize('name', NAMES)
 @pytest.mark.parametrize('path', ['fused', 'plain'])
 def test_published_fixture_float64(name, path, plain):
-    fx = load(name)
+    fx = load_fixture(name)
     net = fixture_net(fx)
     if path == 'plain':
         plain()
@@ -51,15 +47,13 @@ def test_published_fixture_float64(name, path, plain):
 def test_full_size_keys_shapes_order_and_count():
     with torch.device('meta'):
         net = ARCH_REGISTRY.get('DFPIR')(device='cuda:0')  # device: accepted, unused
-    with open(os.path.join(FIXTURES, 'keys_DFPIR.tsv')) as f:
-        expected = [tuple(line.split('\t')) for line in f.read().splitlines()]
-    assert [(k, str(list(v.shape))) for k, v in net.state_dict().items()] == expected
+    assert state_dict_listing(net) == read_listing('keys_DFPIR.tsv')
     assert sum(p.numel() for p in net.parameters()) == 31_104_761
     assert condition_of('DFPIR') == TEXT_EMBEDDING
 
 
 def test_any_size_and_shared_text_code():
-    fx = load('DFPIR_biasfree.pt')
+    fx = load_fixture('DFPIR_biasfree.pt')
     net = fixture_net(fx)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 21, 13, generator=g, dtype=torch.float64)
@@ -142,16 +136,12 @@ def test_top_k_channel_attention_gradcheck(keep):
 
 
 def test_guess_arch():
-    params = {}
-    with open(os.path.join(FIXTURES, 'keys_DFPIR.tsv')) as f:
-        for line in f.read().splitlines():
-            key, shape = line.split('\t')
-            params[key] = torch.empty([int(s) for s in shape.strip('[]').split(',')], device='meta')
+    params = listing_state_dict('keys_DFPIR.tsv')
     assert guess_arch(params) == ('DFPIR', dict(inp_channels=3, out_channels=3, dim=48, num_blocks=[4, 6, 6, 8],
                                                 num_refinement_blocks=4, heads=[1, 2, 4, 8],
                                                 ffn_expansion_factor=2.66, bias=False, LayerNorm_type='WithBias'))
     for name in NAMES:
-        fx = load(name)
+        fx = load_fixture(name)
         arch, kwargs = guess_arch(fx['state_dict'])
         assert arch == 'DFPIR'
         assert kwargs == {k: fx['config'][k] for k in kwargs}

@@ -1,7 +1,6 @@
 """MoCEIR: exactly the published model (float64 fixtures with the published routing noise, key
 lists, parameter counts), its balance loss, any input size, and the corrected routing options."""
 import inspect
-import os
 
 import pytest
 import torch
@@ -11,14 +10,11 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.moceir_arch import RELEASED_CONFIGS, FFTAttention
 from vlunet.utils.checkpoint import guess_arch
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+from conftest import load_fixture, read_listing, state_dict_listing
+
 MoCEIR = ARCH_REGISTRY.get('MoCEIR')
 ALL_FIXTURES = ['MoCEIR_S_reduced.pt', 'MoCEIR_reduced.pt']
 BATCH_FIXTURE = 'MoCEIR_reduced.pt'  # x (2, 3, 16, 24): the published batch-wide eval routing
-
-
-def _fixture(name):
-    return torch.load(os.path.join(FIXTURES, name), weights_only=True)
 
 
 def _net(fx, **options):
@@ -34,14 +30,9 @@ def _forward(net, x, seed=None):
         return net(x)
 
 
-def _listing(name):
-    with open(os.path.join(FIXTURES, name)) as f:
-        return [tuple(line.split('\t')) for line in f.read().splitlines()]
-
-
 @pytest.mark.parametrize('name', ALL_FIXTURES)
 def test_published_fixture_float64(name):
-    fx = _fixture(name)
+    fx = load_fixture(name)
     net = _net(fx)
     out = _forward(net, fx['inputs']['x'], fx['forward_seed'])
     torch.testing.assert_close(out, fx['output'], rtol=0, atol=1e-9)
@@ -60,7 +51,7 @@ def test_published_fixture_float64(name):
 def test_released_models_keys_shapes_order_and_count(model, listing, params):
     with torch.device('meta'):
         net = MoCEIR(**RELEASED_CONFIGS[model])
-    assert [(k, str(list(v.shape))) for k, v in net.state_dict().items()] == _listing(listing)
+    assert state_dict_listing(net) == read_listing(listing)
     assert sum(p.numel() for p in net.parameters()) == params
 
 
@@ -83,7 +74,7 @@ def test_constructor_names_and_defaults_are_the_published_ones():
 
 
 def test_training_balance_loss_is_differentiable_and_unselected_experts_get_no_gradient():
-    fx = _fixture('MoCEIR_S_reduced.pt')
+    fx = load_fixture('MoCEIR_S_reduced.pt')
     net = _net(fx).train()
     x = torch.rand(3, 3, 16, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
@@ -133,7 +124,7 @@ def test_training_grads_match_plain_autograd(options):
 
 
 def test_any_size_is_padded_and_cropped():
-    net = _net(_fixture('MoCEIR_S_reduced.pt'))
+    net = _net(load_fixture('MoCEIR_S_reduced.pt'))
     x = torch.rand(1, 3, 21, 35, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     out = _forward(net, x, 7)
     assert out.shape == x.shape and out.is_contiguous()
@@ -142,7 +133,7 @@ def test_any_size_is_padded_and_cropped():
 
 
 def test_eval_batch_routing_published_and_per_sample():
-    fx = _fixture(BATCH_FIXTURE)
+    fx = load_fixture(BATCH_FIXTURE)
     x = fx['inputs']['x']
     # published (default): experts chosen by any sample run on the whole batch -- the fixture records it
     published = _forward(_net(fx), x, fx['forward_seed'])
@@ -166,7 +157,7 @@ def test_eval_batch_routing_published_and_per_sample():
 
 
 def test_published_eval_routing_with_topk_2():
-    fx = _fixture('MoCEIR_S_reduced.pt')
+    fx = load_fixture('MoCEIR_S_reduced.pt')
     config = dict(fx['config'], topk=2)
     net = MoCEIR(**config).double().eval()
     net.load_state_dict(fx['state_dict'])
@@ -183,7 +174,7 @@ def test_published_eval_routing_with_topk_2():
 
 @pytest.mark.parametrize('name', ALL_FIXTURES)
 def test_guess_arch_on_fixtures(name):
-    fx = _fixture(name)
+    fx = load_fixture(name)
     arch, kwargs = guess_arch(fx['state_dict'])
     assert arch == 'MoCEIR'
     assert {k: kwargs[k] for k in kwargs if k in fx['config']} == {k: fx['config'][k] for k in kwargs
@@ -196,7 +187,7 @@ def test_guess_arch_on_fixtures(name):
 @pytest.mark.parametrize('model, listing', [('MoCE-IR-S', 'keys_MoCEIR_S.tsv'), ('MoCE-IR', 'keys_MoCEIR.tsv')])
 def test_guess_arch_on_released_listings(model, listing):
     params = {k: torch.empty([int(s) for s in shape.strip('[]').split(',')], device='meta')
-              for k, shape in _listing(listing)}
+              for k, shape in read_listing(listing)}
     arch, kwargs = guess_arch(params)
     assert arch == 'MoCEIR'
     assert {k: RELEASED_CONFIGS[model][k] for k in kwargs if k in RELEASED_CONFIGS[model]} == \

@@ -1,5 +1,4 @@
 """Restormer and PromptIR: exactly the published models (float64 fixtures, key lists), any size."""
-import os
 
 import pytest
 import torch
@@ -7,12 +6,13 @@ import torch
 import vlunet  # noqa: F401
 from basicsr.utils.registry import ARCH_REGISTRY
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+from conftest import load_fixture, read_listing, state_dict_listing
+
 
 
 @pytest.mark.parametrize('name', ['PromptIR_decoder.pt', 'Restormer_withbias.pt', 'Restormer_biasfree.pt'])
 def test_published_fixture_float64(name):
-    fx = torch.load(os.path.join(FIXTURES, name), weights_only=True)
+    fx = load_fixture(name)
     net = ARCH_REGISTRY.get(fx['arch'])(**fx['config']).double().eval()
     net.load_state_dict(fx['state_dict'], strict=True)
     with torch.no_grad():
@@ -27,15 +27,13 @@ def test_published_fixture_float64(name):
 def test_full_size_keys_shapes_and_count(arch, kwargs, listing, params):
     with torch.device('meta'):
         net = ARCH_REGISTRY.get(arch)(**kwargs)
-    with open(os.path.join(FIXTURES, listing)) as f:
-        expected = [tuple(line.split('\t')) for line in f.read().splitlines()]
-    assert [(k, str(list(v.shape))) for k, v in net.state_dict().items()] == expected
+    assert state_dict_listing(net) == read_listing(listing)
     assert sum(p.numel() for p in net.parameters()) == params
 
 
 @pytest.mark.parametrize('name', ['PromptIR_decoder.pt', 'Restormer_biasfree.pt'])
 def test_any_size(name):
-    fx = torch.load(os.path.join(FIXTURES, name), weights_only=True)
+    fx = load_fixture(name)
     net = ARCH_REGISTRY.get(fx['arch'])(**fx['config']).double().eval()
     net.load_state_dict(fx['state_dict'])
     x = torch.rand(1, 3, 21, 35, dtype=torch.float64)

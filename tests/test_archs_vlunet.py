@@ -1,5 +1,4 @@
 """VLUNet: exactly the published model (float64 fixtures, key lists), plus what it adds."""
-import os
 
 import pytest
 import torch
@@ -7,22 +6,14 @@ import torch
 import vlunet  # noqa: F401
 from basicsr.utils.registry import ARCH_REGISTRY
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+from conftest import load_fixture, read_listing
+
 TINY = dict(de_dim=3, dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8])
-
-
-def _fixture(name):
-    return torch.load(os.path.join(FIXTURES, name), weights_only=True)
-
-
-def _listing(name):
-    with open(os.path.join(FIXTURES, name)) as f:
-        return [tuple(line.split('\t')) for line in f.read().splitlines()]
 
 
 @pytest.mark.parametrize('name', ['VLUNet_de5_clip.pt', 'VLUNet_de7_clip.pt'])
 def test_published_fixture_float64(name):
-    fx = _fixture(name)
+    fx = load_fixture(name)
     net = ARCH_REGISTRY.get('VLUNet')(**fx['config']).double().eval()
     net.load_state_dict(fx['state_dict'], strict=True)
     with torch.no_grad():
@@ -36,7 +27,7 @@ def test_full_size_keys_shapes_and_count(de_dim, listing, params):
     with torch.device('meta'):
         net = ARCH_REGISTRY.get('VLUNet')(de_dim)
     mine = [(k, str(list(v.shape))) for k, v in net.state_dict().items()]
-    assert mine == _listing(listing)
+    assert mine == read_listing(listing)
     assert sum(p.numel() for p in net.parameters()) == params
 
 

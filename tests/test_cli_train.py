@@ -2,7 +2,6 @@
 import glob
 import os
 
-import pytest
 
 from conftest import DEMO_TRAIN, TINY_DEMO, load_yaml, run_cli, write_yaml
 

@@ -16,14 +16,14 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet import convert as convert_mod
 from vlunet.utils.checkpoint import (ADAPTER_KEYS, CheckpointError, guess_arch, load_published_state_dict)
 
-from conftest import REPO, run_cli
+import conftest
+from conftest import REPO, listing_state_dict, run_cli
 
-FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 ATOL = 1e-9
 
 
 def load_fixture(name):
-    fx = torch.load(os.path.join(FIXTURES, name), weights_only=True, map_location='cpu')
+    fx = conftest.load_fixture(name)
     assert fx['arch'] in ARCH_REGISTRY, f'arch {fx["arch"]} is not registered'
     return fx
 
@@ -290,15 +290,6 @@ def test_params_key_choice(tmp_path):
         load_published_state_dict(src, param_key='state_dict')
 
 
-def read_listing(path):
-    params = OrderedDict()
-    with open(path, encoding='utf-8') as f:
-        for line in f:
-            key, shape = line.rstrip('\n').split('\t')
-            params[key] = torch.empty([int(s) for s in shape.strip('[]').split(',') if s.strip()], device='meta')
-    return params
-
-
 EXPECTED_GUESS = {  # full-size published listings -> what must be inferred
     'keys_DGUNet_deraining.tsv': ('DGUNet', dict(n_feat=40, scale_unetfeats=20, scale_orsnetfeats=16)),
     'keys_DGUNet_deblurring_denoising.tsv': ('DGUNet', dict(n_feat=80, scale_unetfeats=48, scale_orsnetfeats=32)),
@@ -317,7 +308,7 @@ EXPECTED_GUESS = {  # full-size published listings -> what must be inferred
 
 @pytest.mark.parametrize('listing', sorted(EXPECTED_GUESS))
 def test_guess_arch_on_published_listings(listing):
-    arch, kwargs = guess_arch(read_listing(os.path.join(FIXTURES, listing)))
+    arch, kwargs = guess_arch(listing_state_dict(listing))
     want_arch, want = EXPECTED_GUESS[listing]
     assert arch == want_arch
     assert {k: kwargs.get(k) for k in want} == want

@@ -12,7 +12,6 @@ import time
 
 import cv2
 import numpy as np
-import pytest
 import torch
 
 from conftest import DEMO_TRAIN, TINY_DEMO, load_yaml, run_cli, write_yaml

@@ -167,7 +167,12 @@ class VLUNetModel(SRModel):
         cache = text_opt.get('cache')
         codes = None
         if cache and os.path.isfile(cache):
-            stored = torch.load(cache, map_location='cpu', weights_only=True)
+            try:
+                stored = torch.load(cache, map_location='cpu', weights_only=True)
+            except Exception as err:  # noqa: BLE001  (a damaged cache is recomputed and replaced)
+                get_root_logger().warning(f'text_embedding.cache: {cache} cannot be read ({type(err).__name__}); '
+                                          'computing the text codes again')
+                stored = {}
             if stored.get('prompts') == prompts and stored.get('source') == source:
                 codes = stored['codes']
         if codes is None:
@@ -180,8 +185,9 @@ class VLUNetModel(SRModel):
                 os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
                 torch_save_atomic({'prompts': prompts, 'source': source, 'codes': codes}, cache)
         if codes.shape != (len(prompts), CLIP_DIM):
-            raise ValueError(f'text_embedding: expected ({len(prompts)}, {CLIP_DIM}) text codes, got {tuple(codes.shape)}')
-        self.text_codes, self.text_mode, self.text_prompts = codes.to(self.device), mode, prompts
+            raise ValueError(f'text_embedding: expected ({len(prompts)}, {CLIP_DIM}) text codes, '
+                             f'got {tuple(codes.shape)}')
+        self.text_codes, self.text_mode = codes.to(self.device), mode
         get_root_logger().info(f'Text codes: {len(prompts)} prompts embedded once by {source["clip_model"]} '
                                f'({source["pretrained"]}); prompt chosen by {TEXT_PROMPT_MODES[mode]}')
 
@@ -190,8 +196,8 @@ class VLUNetModel(SRModel):
         classifies ``lq`` as (blind; ``embedding`` is its CLIP embedding when already computed)."""
         if self.text_mode == 'oracle':
             if label is None:
-                raise ValueError('text_embedding.mode: oracle takes the prompt of each image\'s known task (its label); '
-                                 'these images have none: use mode: blind (with network_clip)')
+                raise ValueError('text_embedding.mode: oracle takes the prompt of each image\'s known task (its '
+                                 'label); these images have none: use mode: blind (with network_clip)')
             index = torch.as_tensor(label, device=self.device).long().view(-1)
         else:
             if embedding is None:
