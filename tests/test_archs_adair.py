@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import vlunet  # noqa: F401
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.adair_arch import FrequencyLearningBlock, split_bands
-from vlunet.utils.checkpoint import guess_arch
+from vlunet.archs.card import guess_arch
 
 from conftest import listing_state_dict, load_fixture, read_listing, state_dict_listing
 TINY = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4])

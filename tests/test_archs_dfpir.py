@@ -10,7 +10,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs import blocks, dfpir_arch
 from vlunet.archs.blocks import ChannelAttention, channel_attention, keep_largest
 from vlunet.archs.conditioning import CLIP_DIM, TEXT_EMBEDDING, condition_of
-from vlunet.utils.checkpoint import guess_arch
+from vlunet.archs.card import guess_arch
 
 from conftest import listing_state_dict, load_fixture, read_listing, state_dict_listing
 

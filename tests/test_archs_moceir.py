@@ -8,7 +8,7 @@ import torch
 import vlunet  # noqa: F401
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.moceir_arch import RELEASED_CONFIGS, FFTAttention
-from vlunet.utils.checkpoint import guess_arch
+from vlunet.archs.card import guess_arch
 
 from conftest import load_fixture, read_listing, state_dict_listing
 

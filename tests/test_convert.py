@@ -14,7 +14,8 @@ import torch
 import vlunet  # noqa: F401  (registers the archs; must precede basicsr)
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet import convert as convert_mod
-from vlunet.utils.checkpoint import (ADAPTER_KEYS, CheckpointError, guess_arch, load_published_state_dict)
+from vlunet.archs.card import guess_arch
+from vlunet.utils.checkpoint import ADAPTER_KEYS, CheckpointError, load_published_state_dict
 
 import conftest
 from conftest import REPO, listing_state_dict, run_cli

@@ -36,7 +36,8 @@ from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import ChannelCrossAttention  # the published Chanel_Cross_Attention
-from vlunet.archs.restormer_arch import Restormer
+from vlunet.archs.card import MethodCard, PublishedResults, ReferenceCode, Variant, register_card
+from vlunet.archs.restormer_arch import Restormer, restormer_kwargs, restormer_layer_norm
 
 BAND_UNIT = 128  # the low band's half-width along an axis is at most size // BAND_UNIT frequencies
 
@@ -208,3 +209,40 @@ class AdaIR(Restormer):
         x = self._modulate('fre3', img, x)
         x = self.refinement(self.decoder_level1(torch.cat([self.up2_1(x), e1], 1)))
         return self.output(x) + img
+
+
+# ------------------------------------------------------------------------------------------------
+# the method card
+# ------------------------------------------------------------------------------------------------
+def _kwargs_from_state_dict(params):
+    # decoder=False is Restormer's keys exactly: a state_dict with the frequency blocks is decoder=True
+    return dict(restormer_kwargs(params), LayerNorm_type=restormer_layer_norm(params), decoder=True)
+
+
+_SOURCE = "AdaIR's {}-task table (repository figure figs/adair{}d.PNG at ccb8b98)"
+CARD = register_card(MethodCard(
+    name='AdaIR', arch='AdaIR',
+    paper='Cui et al., "AdaIR: Adaptive All-in-One Image Restoration via Frequency Mining and Modulation", ICLR 2025',
+    code='c-yn/AdaIR @ ccb8b98e49614e07badd0641e5163fa7635c2f02 (net/model.py)',
+    variants=(Variant('AdaIR', 'AdaIR', {'decoder': True}, params=28_784_824, listing='keys_AdaIR.tsv'),),
+    tiny=dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4], decoder=True),
+    signature=('patch_embed.proj.weight', 'fre1.conv1.weight', 'fre3.rate_conv.0.weight'),
+    kwargs_from_state_dict=_kwargs_from_state_dict,
+    checkpoint_formats=("Lightning .ckpt: {'state_dict': {'net.<key>': ...}}",),
+    recipe={'epochs': '150 (options.py --epochs); shared 200',
+            'schedule': 'LinearWarmupCosineAnnealingLR(warmup_epochs=15, max_epochs=180) stepped per epoch: '
+                        'training stops at epoch 150 of the cosine\'s 180, still at about 1.7e-5',
+            'batch/GPUs': '8 per GPU x 4 GPUs, Lightning DDP: effective 32 like the shared 4 x 8',
+            'the same': 'AdamW lr 2e-4, patch 128, L1 loss, denoising x3 per sigma, Rain100L x120, RESIDE OTS'},
+    results=(
+        PublishedResults('NHR', 'AdaIR', {'SOTS_outdoor': (31.06, 0.980), 'Rain100L': (38.64, 0.983),
+                                          'CBSD68_sigma15': (34.12, 0.935), 'CBSD68_sigma25': (31.45, 0.892),
+                                          'CBSD68_sigma50': (28.19, 0.802)},
+                         source=_SOURCE.format('three', 3), average=(32.69, 0.918)),
+        PublishedResults('NHRBL', 'AdaIR', {'SOTS_outdoor': (30.53, 0.978), 'Rain100L': (38.02, 0.981),
+                                            'CBSD68_sigma25': (31.35, 0.889), 'GoPro': (28.12, 0.858),
+                                            'LOL': (23.00, 0.845)},
+                         source=_SOURCE.format('five', 5), average=(30.20, 0.910)),
+    ),
+    reference=ReferenceCode('AdaIR'),
+))

@@ -29,7 +29,9 @@ from vlunet.archs import blocks as shared_blocks  # use_fused looked up at call 
 from vlunet.archs.blocks import (ChannelAttention, Downsample, FeedForward, LayerNorm, OverlapPatchEmbed, Upsample,
                                  channel_attention, crop_to, from_rows, norm_conv1x1, pad_to_multiple, to_rows,
                                  transformer_blocks)
+from vlunet.archs.card import MethodCard, PublishedResults, ReferenceCode, Variant, register_card
 from vlunet.archs.conditioning import CLIP_DIM, TEXT_EMBEDDING
+from vlunet.archs.restormer_arch import restormer_kwargs, restormer_layer_norm
 
 
 def _pointwise_then_depthwise(c_in, c_out, bias):
@@ -190,3 +192,49 @@ class DFPIR(nn.Module):
                 x = getattr(self, f'reduce_chan_level{depth + 1}')(x)
             x = getattr(self, f'decoder_level{depth + 1}')(x)
         return self.output(self.refinement(x)) + img
+
+
+# ------------------------------------------------------------------------------------------------
+# the method card
+# ------------------------------------------------------------------------------------------------
+def _kwargs_from_state_dict(params):
+    # ``device`` and ``dual_pixel_task`` change nothing in the published network: not in the weights
+    return dict(restormer_kwargs(params), LayerNorm_type=restormer_layer_norm(params))
+
+
+_SOURCE = "DFPIR's {}-task table (repository figure fig/{}D.jpg at b9ba223)"
+CARD = register_card(MethodCard(
+    name='DFPIR', arch='DFPIR',
+    paper='Tian et al., "Degradation-Aware Feature Perturbation for All-in-One Image Restoration", CVPR 2025',
+    code='TxpHome/DFPIR @ b9ba223d655d2c174507c83527ba3958dfb90f7d (net/model.py, class ChannelShuffle_skip_textguaid)',
+    variants=(Variant('DFPIR', 'DFPIR', {}, params=31_104_761, listing='keys_DFPIR.tsv'),),
+    tiny=dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1]),
+    condition=TEXT_EMBEDDING,
+    signature=('patch_embed.proj.weight', 'latent_shuffle_channel.linear_layer3.weight'),
+    kwargs_from_state_dict=_kwargs_from_state_dict,
+    checkpoint_formats=("DFPIR .pth.tar: {'epoch', 'state_dict', 'optimizer', 'scheduler'} (the files written for "
+                        'evaluations that were not the best so far are empty)',),
+    task_prompts={'noise15': 'Gaussian noise with a standard deviation of 15',
+                  'noise25': 'Gaussian noise with a standard deviation of 25',
+                  'noise50': 'Gaussian noise with a standard deviation of 50',
+                  'rain': 'Rain degradation with rain lines', 'haze': 'Hazy degradation with normal haze',
+                  'blur': 'Blur degradation with motion blur', 'lowlight': 'Lowlight degradation'},
+    recipe={'epochs': '500; shared 200', 'batch/GPUs': '5 on one GPU (no DDP): effective 5; shared 32',
+            'optimizer': 'Adam lr 1e-4, no weight decay; shared AdamW lr 2e-4',
+            'schedule': 'CosineAnnealingLR(T_max=500) per epoch, no warm-up',
+            'checkpoint': 'the best average PSNR on the test sets (evaluated every 2000 iterations and every epoch)',
+            'prompt': "frozen OpenAI CLIP ViT-B/32 text tower on every batch for each image's task prompt",
+            'seed': '0; shared 42', 'the same': 'data repeats, patch 128, L1 loss only'},
+    results=(
+        PublishedResults('NHR', 'DFPIR', {'SOTS_outdoor': (31.87, 0.980), 'Rain100L': (38.65, 0.982),
+                                          'CBSD68_sigma15': (34.14, 0.935), 'CBSD68_sigma25': (31.47, 0.893),
+                                          'CBSD68_sigma50': (28.25, 0.806)},
+                         source=_SOURCE.format('three', 3), average=(32.88, 0.919)),
+        PublishedResults('NHRBL', 'DFPIR', {'SOTS_outdoor': (31.64, 0.979), 'Rain100L': (37.62, 0.978),
+                                            'CBSD68_sigma25': (31.29, 0.889), 'GoPro': (28.82, 0.873),
+                                            'LOL': (23.82, 0.843)},
+                         source=_SOURCE.format('five', 5), average=(30.64, 0.913)),
+    ),
+    reference=ReferenceCode('ChannelShuffle_skip_textguaid', kwargs=lambda kw: ((), dict(kw, device='cpu')),
+                            stubs=('clip',)),
+))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
+from vlunet.archs.card import MethodCard, PublishedResults, Variant, register_card, stage_list_output
 from vlunet.utils.tiling import crop_to, pad_to_multiple
 from vlunet.archs.dgunet_blocks import (SAM, GradientOperator, SubspaceMerge, UNetDecoder, UNetEncoder,
                                         check_unet_widths, conv, gradient_step, shallow_feature,
@@ -216,3 +217,62 @@ class DGUNetPlus(_UnfoldingNet):
         images.append(self.tail(self.merge67(self.shallow_feat7(x), state.feats)) + y)
         return images[::-1]
 
+
+
+# ------------------------------------------------------------------------------------------------
+# the method cards
+# ------------------------------------------------------------------------------------------------
+def _common_kwargs(params):
+    first = params['shallow_feat1.0.weight']
+    n_feat = first.shape[0]
+    squeezed = params['shallow_feat1.1.CA.conv_du.0.weight'].shape[0]
+    return dict(in_c=first.shape[1], out_c=params['tail.weight'].shape[0], n_feat=n_feat,
+                scale_unetfeats=params['stage1_encoder.body.0.conv_1.weight'].shape[0] - n_feat,
+                kernel_size=first.shape[-1], reduction=n_feat // squeezed, bias='shallow_feat1.0.bias' in params)
+
+
+def _dgunet_kwargs(params):
+    # the middle stage is weight-tied: its number of iterations (depth) is not in the weights
+    kwargs = _common_kwargs(params)
+    return dict(kwargs, scale_orsnetfeats=params['concat67.weight'].shape[0] - kwargs['n_feat'])
+
+
+_CODE = 'MC-E/Deep-Generalized-Unfolding-Networks-for-Image-Restoration @ bae845c2612d0df56a479020d59896441168d07a'
+_FORMAT = "DGUNet .pth: {'state_dict': {'module.<key>': ...}, 'epoch', ...}"
+_TINY = dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4)
+DGUNET_CARD = register_card(MethodCard(
+    name='DGUNet', arch='DGUNet',
+    paper='Mou et al., "Deep Generalized Unfolding Networks for Image Restoration", CVPR 2022',
+    code=_CODE + ' (Deraining/DGUNet.py; Deblurring/ and Denoising/DGUNet.py are the same class)',
+    variants=(Variant('DGUNet', 'DGUNet', dict(n_feat=80, scale_unetfeats=48, scale_orsnetfeats=32, depth=5),
+                      params=17_331_512, listing='keys_DGUNet_deblurring_denoising.tsv'),
+              Variant('DGUNet-derain', None, {}, params=3_661_912, listing='keys_DGUNet_deraining.tsv')),
+    tiny=dict(_TINY, depth=1),
+    read_output=stage_list_output,
+    signature=('basic.r1', 'shallow_feat1.0.weight', 'concat67.weight'),
+    kwargs_from_state_dict=_dgunet_kwargs,
+    checkpoint_formats=(_FORMAT,),
+    recipe={'note': 'trained per task by its authors; the all-in-one numbers are other papers\' retrainings'},
+    results=(
+        PublishedResults('NHRBL', 'DGUNet', {'SOTS_outdoor': (24.78, 0.940), 'Rain100L': (36.62, 0.971),
+                                             'CBSD68_sigma25': (31.10, 0.883), 'GoPro': (27.25, 0.837),
+                                             'LOL': (21.87, 0.823)},
+                         source='quoted alike in the VLU-Net, AdaIR, MoCE-IR (Table 2) and DFPIR five-task tables',
+                         average=(28.32, 0.891), quoted_in='VLU-Net, AdaIR, MoCE-IR, DFPIR'),
+    ),
+))
+DGUNET_PLUS_CARD = register_card(MethodCard(
+    name='DGUNet+', arch='DGUNetPlus',
+    paper=DGUNET_CARD.paper,
+    code=_CODE + ' (Deraining/DGUNet_plus.py, class DGUNet)',
+    variants=(Variant('DGUNet+-derain', None, {}, params=12_176_107, listing='keys_DGUNetPlus_deraining.tsv'),
+              Variant('DGUNet+-deblur', None, dict(n_feat=96, scale_unetfeats=48, scale_orsnetfeats=32),
+                      params=69_572_915, listing='keys_DGUNetPlus_deblurring.tsv'),
+              Variant('DGUNet+-denoise', None, dict(n_feat=80, scale_unetfeats=40, scale_orsnetfeats=32),
+                      params=48_361_987, listing='keys_DGUNetPlus_denoising.tsv')),
+    tiny=_TINY,
+    read_output=stage_list_output,
+    signature=('r1', 'r6', 'shallow_feat1.0.weight', 'stage6_encoder.body.0.conv_1.weight'),
+    kwargs_from_state_dict=_common_kwargs,
+    checkpoint_formats=(_FORMAT,),
+))

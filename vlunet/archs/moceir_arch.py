@@ -29,6 +29,8 @@ from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (LN_EPS, Attention, ChannelCrossAttention, Downsample, FeedForward, LayerNorm,
                                  OverlapPatchEmbed, Upsample, crop_to, pad_to_multiple)
+from vlunet.archs.card import (MethodCard, NetworkOutput, PublishedResults, ReferenceCode, TrainingTerm, Variant,
+                               count_blocks, expansion_factor, register_card)
 
 # The two released models (the repository's ``src/options.py``; ``levels = len(num_blocks)``); all
 # other constructor arguments keep the class defaults.
@@ -496,3 +498,106 @@ class MoCEIR(nn.Module):
             total_loss += block.loss
         self.total_loss = total_loss / sum(self.num_dec_blocks)
         return self.output(self.refinement(feats)) + img
+
+
+# ------------------------------------------------------------------------------------------------
+# the method card
+# ------------------------------------------------------------------------------------------------
+def _read_output(net, output):
+    """The image, and the routers' balance loss of this forward (the network keeps it in ``total_loss``)."""
+    balance = getattr(net, 'total_loss', None)
+    return NetworkOutput(output, [output], {} if balance is None else {'balance': balance})
+
+
+def _kwargs_from_state_dict(params):
+    """MoCEIR kwargs from shapes. Not in the weights: topk, depth_type/stage_depth (they change no
+    shape nor, as published, any output), with_complexity, and rank when rank_type is 'spread'.
+    complexity_scale is read from the ``complexity`` buffer values when they are there."""
+    stem = params['patch_embed.proj.weight']
+    dim, levels = stem.shape[0], count_blocks(params, 'enc.') + 1
+    enc = [f'enc.{i}.0.layers.' for i in range(levels - 1)] + ['latent.layers.']
+    dec = [f'dec.{i}.2.layers.' for i in range(levels - 1)]  # deepest first: width dim * 2**(levels - 2 - i)
+    kwargs = dict(inp_channels=stem.shape[1], out_channels=params['output.weight'].shape[0], dim=dim, levels=levels,
+                  num_blocks=[count_blocks(params, p) for p in enc],
+                  num_dec_blocks=[count_blocks(params, p) for p in dec][::-1],
+                  num_refinement_blocks=count_blocks(params, 'refinement.layers.'), bias='output.bias' in params)
+    heads = []  # heads[j]: encoder level j, else the decoder level of that width, else (j = 0) the refinement
+    for j in range(levels):
+        where = [enc[j] + '0.mixer.temperature'] + [dec[levels - 2 - j] + '0.shared.temperature'] * (j < levels - 1)
+        where += ['refinement.layers.0.mixer.temperature'] * (j == 0)
+        # a level without blocks has no heads to read (nor to use): continue the released doubling
+        heads.append(next((params[k].shape[0] for k in where if k in params), 2 * heads[-1] if heads else 1))
+    kwargs['heads'] = heads
+    ffn = [params[k].shape for k in params if k.endswith('.ffn.project_out.weight')]
+    factor = expansion_factor([s[0] for s in ffn], [s[1] for s in ffn], default=2)
+    if factor is not None:
+        kwargs['ffn_expansion_factor'] = factor
+    norm = next((k for k in params if k.endswith('.norms.0.body.weight')), None)
+    if norm is not None:
+        kwargs['LayerNorm_type'] = 'WithBias' if norm[:-len('weight')] + 'bias' in params else 'BiasFree'
+    adapters = [(dim * 2 ** (levels - 2 - i), f'{dec[i]}0.adapter.') for i in range(levels - 1)
+                if f'{dec[i]}0.adapter.experts.0.0.proj.0.weight' in params]
+    if adapters:
+        n = kwargs['num_experts'] = count_blocks(params, adapters[0][1] + 'experts.')
+        seen = [(width, [params[f'{a}experts.{e}.0.proj.0.weight'].shape[0] for e in range(n)])
+                for width, a in adapters]
+        for rank_type in ('spread', 'constant', 'lin', 'double', 'exp', 'fact'):
+            rank = next((r for r in (range(1, 13) if rank_type == 'fact' else [seen[0][1][0]])
+                         if all(expert_ranks(rank_type, r, w, n) == ranks for w, ranks in seen)), None)
+            if rank is not None:
+                kwargs.update(rank_type=rank_type, **({} if rank_type == 'spread' else {'rank': rank}))
+                break
+        complexity = params.get(adapters[0][1] + 'routing.complexity')
+        if complexity is not None and complexity.device.type != 'meta':  # parameter counts / max or / min
+            if not complexity.is_floating_point():
+                kwargs['complexity_scale'] = None  # neither: the raw counts
+            elif float(complexity.max()) == 1 or float(complexity.min()) == 1:
+                kwargs['complexity_scale'] = 'max' if float(complexity.max()) == 1 else 'min'
+    return kwargs
+
+
+def _published_args(kwargs):
+    ours = ('eval_routing_noise', 'per_sample_eval_routing')  # our corrections: not in the published class
+    return (), {k: v for k, v in kwargs.items() if k not in ours}
+
+
+def _table(setting, variant, values, average, table):
+    keys = (('SOTS_outdoor', 'Rain100L', 'CBSD68_sigma15', 'CBSD68_sigma25', 'CBSD68_sigma50') if setting == 'NHR'
+            else ('SOTS_outdoor', 'Rain100L', 'CBSD68_sigma25', 'GoPro', 'LOL'))
+    return PublishedResults(setting, variant, dict(zip(keys, values)), source=f'MoCE-IR (CVPR 2025) {table}',
+                            average=average)
+
+
+CARD = register_card(MethodCard(
+    name='MoCE-IR', arch='MoCEIR',
+    paper='Zamfir et al., "Complexity Experts are Task-Discriminative Learners for Any Image Restoration", CVPR 2025',
+    code='eduardzamfir/MoCE-IR @ a1a6e7480bf0537dba8e7a776854820cda85f5df (src/net/moce_ir.py)',
+    variants=(Variant('MoCE-IR-S', 'MoCEIR_S', RELEASED_CONFIGS['MoCE-IR-S'], params=11_477_752,
+                      listing='keys_MoCEIR_S.tsv'),
+              Variant('MoCE-IR', 'MoCEIR', RELEASED_CONFIGS['MoCE-IR'], params=25_353_796, listing='keys_MoCEIR.tsv')),
+    tiny=dict(dim=8, num_blocks=[1, 1, 1, 1], num_dec_blocks=[1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8]),
+    read_output=_read_output,
+    signature=('patch_embed.proj.weight', 'freq_embed.high_conv.0.conv.weight', 'enc.0.1.body.0.weight'),
+    kwargs_from_state_dict=_kwargs_from_state_dict,
+    checkpoint_formats=("Lightning .ckpt: {'state_dict': {'net.<key>': ...}}",),
+    training_terms=(TrainingTerm('balance_opt', 'BalanceLoss', {'loss_weight': 0.01},
+                                 "0.01 x the routers' load-balancing loss (src/train.py; --balance_loss_weight)"),),
+    recipe={'epochs': '120 (src/options.py --epochs); shared 200',
+            'schedule': 'LinearWarmupCosineAnnealingLR(warmup_epochs=15, max_epochs=150) per epoch: training stops '
+                        "at epoch 120 of the cosine's 150",
+            'batch/GPUs': '8 per GPU x 4 GPUs, Lightning DDP: effective 32 like the shared 4 x 8',
+            'losses': 'L1 + 0.01 x balance loss; the README passes --loss_type FFT but src/train.py tests "fft" '
+                      '(lower case), so the FFT term is never added',
+            'the same': 'AdamW lr 2e-4, patch 128, denoising x3 per sigma, Rain100L x120'},
+    results=(
+        _table('NHR', 'MoCE-IR-S', ((30.94, 0.979), (38.22, 0.983), (34.08, 0.933), (31.42, 0.888), (28.16, 0.798)),
+               (32.57, 0.916), 'Table 1'),
+        _table('NHR', 'MoCE-IR', ((31.34, 0.979), (38.57, 0.984), (34.11, 0.932), (31.45, 0.888), (28.18, 0.800)),
+               (32.73, 0.917), 'Table 1'),
+        _table('NHRBL', 'MoCE-IR-S', ((31.33, 0.978), (37.21, 0.978), (31.25, 0.884), (28.90, 0.877), (21.68, 0.851)),
+               (30.08, 0.913), 'Table 2'),
+        _table('NHRBL', 'MoCE-IR', ((30.48, 0.974), (38.04, 0.982), (31.34, 0.887), (30.05, 0.899), (23.00, 0.852)),
+               (30.58, 0.919), 'Table 2'),
+    ),
+    reference=ReferenceCode('MoCEIR', kwargs=_published_args, stubs=('fvcore', 'fvcore.nn'), seed_forward=True),
+))

@@ -12,6 +12,8 @@ from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (Downsample, OverlapPatchEmbed, TransformerBlock, Upsample, crop_to, pad_to_multiple,
                                  transformer_blocks)
+from vlunet.archs.card import MethodCard, PublishedResults, ReferenceCode, Variant, register_card
+from vlunet.archs.restormer_arch import restormer_kwargs, restormer_layer_norm
 
 
 class PromptGenBlock(nn.Module):
@@ -107,3 +109,40 @@ class PromptIR(nn.Module):
             x = self._prompted(x, self.prompt1, self.noise_level1, self.reduce_noise_level1)
         x = self.refinement(self.decoder_level1(torch.cat([self.up2_1(x), e1], 1)))
         return self.output(x) + img
+
+
+def _kwargs_from_state_dict(params):
+    return dict(restormer_kwargs(params), LayerNorm_type=restormer_layer_norm(params),
+                decoder='prompt1.prompt_param' in params)
+
+
+CARD = register_card(MethodCard(
+    name='PromptIR', arch='PromptIR',
+    paper='Potlapalli et al., "PromptIR: Prompting for All-in-One Image Restoration", NeurIPS 2023',
+    code='va1shn9v/PromptIR @ 106159ab809101f2e25b6714195cd6fa9a938d36 (net/model.py)',
+    variants=(Variant('PromptIR', 'PromptIR', {'decoder': True}, params=35_592_263,
+                      listing='keys_PromptIR_decoder.tsv'),),
+    # the prompt widths are fixed numbers that fit dim 48 only: the tiny network keeps dim 48
+    tiny=dict(dim=48, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8], decoder=True),
+    signature=('patch_embed.proj.weight', 'prompt1.prompt_param', 'noise_level1.attn.qkv.weight'),
+    kwargs_from_state_dict=_kwargs_from_state_dict,
+    checkpoint_formats=("Lightning .ckpt: {'state_dict': {'net.<key>': ...}}",),
+    recipe={'epochs': '120 (options.py --epochs); shared 200',
+            'schedule': 'LinearWarmupCosineAnnealingLR(warmup_epochs=15, max_epochs=150) stepped per epoch '
+                        '(train.py:46): training stops at epoch 120 of the cosine\'s 150',
+            'batch/GPUs': '8 per GPU x 4 GPUs (options.py --batch_size, --num_gpus): effective 32 like the shared 4 x 8',
+            'the same': 'AdamW lr 2e-4 (train.py:45), patch 128, L1 loss'},
+    results=(
+        PublishedResults('NHR', 'PromptIR', {'SOTS_outdoor': (30.58, 0.974), 'Rain100L': (36.37, 0.972),
+                                             'CBSD68_sigma15': (33.98, 0.933), 'CBSD68_sigma25': (31.31, 0.888),
+                                             'CBSD68_sigma50': (28.06, 0.799)},
+                         source='PromptIR Table 1 (three tasks), quoted alike in the VLU-Net, AdaIR, MoCE-IR and '
+                                'DFPIR tables', average=(32.06, 0.913)),
+        PublishedResults('NHRBL', 'PromptIR', {'SOTS_outdoor': (26.54, 0.949), 'Rain100L': (36.37, 0.970),
+                                               'CBSD68_sigma25': (31.47, 0.886), 'GoPro': (28.71, 0.881),
+                                               'LOL': (22.68, 0.832)},
+                         source="VLU-Net's five-task table (repository figure figures/5task.png)",
+                         average=(29.15, 0.904), quoted_in='VLU-Net (CVPR 2025)'),
+    ),
+    reference=ReferenceCode('PromptIR', kwargs=lambda kw: ((), dict(kw))),
+))

@@ -8,6 +8,8 @@ from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import Downsample, OverlapPatchEmbed, Upsample, crop_to, pad_to_multiple, transformer_blocks
+from vlunet.archs.card import (MethodCard, PublishedResults, Variant, count_blocks, expansion_factor, layer_norm_type,
+                               register_card)
 
 
 @ARCH_REGISTRY.register()
@@ -62,3 +64,63 @@ class Restormer(nn.Module):
         if self.dual_pixel_task:  # defocus deblurring from dual-pixel pairs: no global residual
             return self.output(x + self.skip_conv(embedded))
         return self.output(x) + img
+
+
+# ------------------------------------------------------------------------------------------------
+# reading Restormer-family kwargs from a state_dict (also used by PromptIR, VLU-Net, AdaIR, DFPIR)
+# ------------------------------------------------------------------------------------------------
+LEVELS = ('encoder_level1', 'encoder_level2', 'encoder_level3', 'latent')
+
+
+def restormer_kwargs(params, blocks='{}.', bias_key=None):
+    """Constructor kwargs of a Restormer-family state_dict; ``blocks`` formats the key prefix of a
+    level's transformer blocks from the level name (block i is ``<prefix><i>.``); ``bias_key`` is the
+    key whose presence means ``bias=True`` (default: the first attention's qkv bias)."""
+    first = {level: f'{blocks.format(level)}0.' for level in LEVELS}
+    stem = params['patch_embed.proj.weight']
+    dim = stem.shape[0]
+    kwargs = dict(inp_channels=stem.shape[1], out_channels=params['output.weight'].shape[0], dim=dim,
+                  num_blocks=[count_blocks(params, blocks.format(level)) for level in LEVELS],
+                  num_refinement_blocks=count_blocks(params, blocks.format('refinement')),
+                  heads=[params[first[level] + 'attn.temperature'].shape[0] for level in LEVELS])
+    hiddens = [params[first[level] + 'ffn.project_out.weight'].shape[1] for level in LEVELS]
+    factor = expansion_factor([dim, dim * 2, dim * 4, dim * 8], hiddens)
+    if factor is not None:
+        kwargs['ffn_expansion_factor'] = factor
+    kwargs['bias'] = (bias_key or first['encoder_level1'] + 'attn.qkv.bias') in params
+    return kwargs
+
+
+def restormer_layer_norm(params):
+    """The LayerNorm type of a Restormer-family state_dict (its first block's first norm)."""
+    return layer_norm_type(params, 'encoder_level1.0.norm1.body.weight')
+
+
+def _kwargs_from_state_dict(params):
+    return dict(restormer_kwargs(params), LayerNorm_type=restormer_layer_norm(params),
+                dual_pixel_task='skip_conv.weight' in params)
+
+
+_QUOTED_5 = 'quoted alike in the VLU-Net, AdaIR, MoCE-IR (Table 2) and DFPIR five-task tables'
+CARD = register_card(MethodCard(
+    name='Restormer', arch='Restormer',
+    paper='Zamir et al., "Restormer: Efficient Transformer for High-Resolution Image Restoration", CVPR 2022',
+    code='swz30/Restormer @ df766d5521afd21cce56e24159f300b30ebf3fb0 (basicsr/models/archs/restormer_arch.py)',
+    variants=(Variant('Restormer', 'Restormer', {}, params=26_126_644, listing='keys_Restormer.tsv'),),
+    tiny=dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1]),
+    signature=('patch_embed.proj.weight', 'encoder_level1.0.attn.qkv.weight'),
+    kwargs_from_state_dict=_kwargs_from_state_dict,
+    checkpoint_formats=("Restormer .pth: {'params': state_dict} (BasicSR layout)",),
+    recipe={'note': 'not trained all-in-one by its authors; the all-in-one numbers are other papers\' retrainings'},
+    results=(
+        PublishedResults('NHR', 'Restormer', {'SOTS_outdoor': (30.43, 0.975), 'Rain100L': (36.55, 0.975),
+                                              'CBSD68_sigma15': (33.84, 0.931), 'CBSD68_sigma25': (31.18, 0.885),
+                                              'CBSD68_sigma50': (27.90, 0.790)},
+                         source="DFPIR's three-task table (repository figure fig/3D.jpg)", average=(31.98, 0.911),
+                         quoted_in='DFPIR (CVPR 2025)'),
+        PublishedResults('NHRBL', 'Restormer', {'SOTS_outdoor': (24.09, 0.927), 'Rain100L': (34.81, 0.962),
+                                                'CBSD68_sigma25': (31.49, 0.884), 'GoPro': (27.22, 0.829),
+                                                'LOL': (20.41, 0.806)},
+                         source=_QUOTED_5, average=(27.60, 0.881), quoted_in='VLU-Net, AdaIR, MoCE-IR, DFPIR'),
+    ),
+))

@@ -29,7 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (Attention, Downsample, OverlapPatchEmbed, ProjectedAttention, Upsample, crop_to,
                                  pad_to_multiple, transformer_blocks)
+from vlunet.archs.card import MethodCard, PublishedResults, ReferenceCode, Variant, register_card
 from vlunet.archs.conditioning import CLIP_DIM, DEGRADATION_EMBEDDING
+from vlunet.archs.restormer_arch import restormer_kwargs
 
 
 class CrossAttention(ProjectedAttention):
@@ -263,3 +265,49 @@ class VLUNet(nn.Module):
                     y = getattr(self, f'reduce_chan_level{level.depth + 1}_img')(y)
             x = getattr(self, level.name)(x, y, e, record, level.name)  # gradient step, then proximal step
         return self.output(x) + img
+
+
+# ------------------------------------------------------------------------------------------------
+# the method card
+# ------------------------------------------------------------------------------------------------
+def _kwargs_from_state_dict(params):
+    # the stages' blocks ignore the model's LayerNorm_type (not visible in the keys); ``bias`` shows in the output conv
+    return dict(de_dim=params['encoder_level1.gradient_descent.prompt_param'].shape[1],
+                **restormer_kwargs(params, '{}.denoiser.blocks.', bias_key='output.bias'))
+
+
+def _published_args(kwargs):
+    kwargs = {k: v for k, v in kwargs.items() if k != 'use_checkpoint'}  # ours: activation checkpointing
+    return (kwargs.pop('de_dim'),), kwargs
+
+
+_SOURCE = 'VLU-Net {}-task table (repository figure figures/{}task.png at 8c2f7a7)'
+CARD = register_card(MethodCard(
+    name='VLU-Net', arch='VLUNet',
+    paper='Zeng et al., "Vision-Language Gradient Descent-driven All-in-One Deep Unfolding Networks", CVPR 2025',
+    code='xianggkl/VLU-Net @ 8c2f7a7543762cce5ed45736d0c6787c92a1f5e6 (net/Final.py)',
+    variants=(Variant('VLU-Net', 'VLUNet', {'de_dim': 5}, params=34_364_852, listing='keys_VLUNet_de5.tsv',
+                      settings=('NHR',)),
+              Variant('VLU-Net-7', 'VLUNet', {'de_dim': 7}, params=35_353_028, listing='keys_VLUNet_de7.tsv',
+                      settings=('NHRBL',))),
+    tiny=dict(de_dim=3, dim=10, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8]),
+    condition=DEGRADATION_EMBEDDING, records_stages=True,
+    signature=('patch_embed_i.proj.weight', 'encoder_level1.gradient_descent.prompt_param'),
+    kwargs_from_state_dict=_kwargs_from_state_dict,
+    checkpoint_formats=("Lightning .ckpt: {'state_dict': {'net.<key>': ..., 'model_degradation.<CLIP>': ...}} "
+                        '(the CLIP adapters go to --clip-out)',
+                        "clip_tuned.pth: {'learnable_params': CLIP adapters} (network_clip.load_path)"),
+    recipe={'note': 'the shared recipe of every setting is VLU-Net\'s: patch 128, AdamW lr 2e-4, batch 4 per GPU '
+                    'on 8 GPUs, 200 epochs, 15 warm-up epochs then cosine; the CLIP adapters are trained first'},
+    results=(
+        PublishedResults('NHR', 'VLU-Net', {'SOTS_outdoor': (30.71, 0.980), 'Rain100L': (38.93, 0.984),
+                                            'CBSD68_sigma15': (34.13, 0.935), 'CBSD68_sigma25': (31.48, 0.892),
+                                            'CBSD68_sigma50': (28.23, 0.804)},
+                         source=_SOURCE.format('three', 3), average=(32.70, 0.919)),
+        PublishedResults('NHRBL', 'VLU-Net-7', {'SOTS_outdoor': (30.84, 0.980), 'Rain100L': (38.54, 0.982),
+                                                'CBSD68_sigma25': (31.43, 0.891), 'GoPro': (27.46, 0.840),
+                                                'LOL': (22.29, 0.833)},
+                         source=_SOURCE.format('five', 5), average=(30.11, 0.905)),
+    ),
+    reference=ReferenceCode('VLUNet', kwargs=_published_args),
+))

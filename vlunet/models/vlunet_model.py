@@ -42,8 +42,8 @@ from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.registry import METRIC_REGISTRY, MODEL_REGISTRY
 from tqdm import tqdm
 
-from vlunet.archs.conditioning import (CLIP_DIM, DEGRADATION_EMBEDDING, TEXT_EMBEDDING, bare_network,
-                                       condition_of)
+from vlunet.archs.card import card_for
+from vlunet.archs.conditioning import CLIP_DIM, DEGRADATION_EMBEDDING, TEXT_EMBEDDING, bare_network
 from vlunet.models.train_step import TrainStep, autocast, broadcast_from_rank0, parse_amp
 from vlunet.utils.atomic import torch_save_atomic, write_image_atomic, write_json_atomic
 from vlunet.utils.checkpoint import load_published_state_dict
@@ -59,12 +59,9 @@ def _float_hwc(tensor):
     return tensor.numpy().transpose(1, 2, 0)
 
 
-def _first(output):
-    """The restored image of a network output (DGUNet-style lists hold the final stage first)."""
-    return output[0] if isinstance(output, (list, tuple)) else output
-
-
-TEXT_PROMPT_MODES = {'oracle': "the image's known task (its label), as DFPIR's published test",
+# train.*_opt keys with their own place in the step; every other one is a loss term
+SHARED_LOSS_KEYS = ('pixel_opt', 'perceptual_opt', 'clip_opt')
+TEXT_PROMPT_MODES = {'oracle': "the image's known task (its label), as the method's published test",
                      'blind': 'the degradation type network_clip classifies the image as'}
 
 
@@ -82,7 +79,8 @@ class VLUNetModel(SRModel):
         self.print_network(self.net_g)
         self.net_clip = None
         self.cri_clip = None
-        self.condition = condition_of(self.net_g)
+        self.card = card_for(opt['network_g'])  # what the package knows of this method (vlunet.archs.card)
+        self.condition = self.card.condition
         if opt.get('network_clip'):
             self._build_clip(opt['network_clip'])
         if self.condition == TEXT_EMBEDDING:
@@ -151,7 +149,9 @@ class VLUNetModel(SRModel):
         if not isinstance(text_opt, dict) or not text_opt.get('prompts'):
             raise ValueError(f'network_g {self.opt["network_g"].get("type")} takes a CLIP text embedding of the task '
                              'prompt: set text_embedding: {clip_model: ViT-B-32, pretrained: openai, prompts: [one '
-                             'per label], mode: oracle | blind} (see options/train/DFPIR_NHR.yml)')
+                             'per label], mode: oracle | blind}'
+                             + (f' (see options/train/{self.card.variant().options}_NHR.yml)' if self.card.variants
+                                else ''))
         mode = text_opt.get('mode', 'oracle')
         if mode not in TEXT_PROMPT_MODES:
             raise ValueError(f'text_embedding.mode: expected one of {TEXT_PROMPT_MODES}, got {mode!r}')
@@ -270,9 +270,11 @@ class VLUNetModel(SRModel):
     def init_training_settings(self):
         super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
         train_opt = self.opt['train']
-        self.cri_fft = build_loss(train_opt['fft_opt']).to(self.device) if train_opt.get('fft_opt') else None
-        self.cri_balance = build_loss(train_opt['balance_opt']).to(self.device) if train_opt.get('balance_opt') \
-            else None
+        # every other train.<name>_opt is a loss term l_<name>: an image loss (loss(image, gt), e.g. FFTLoss) or a
+        # loss of the whole network output (loss(output, gt, label), e.g. a method's own term on its card)
+        self.loss_terms = OrderedDict(
+            (key[:-len('_opt')], build_loss(value).to(self.device)) for key, value in train_opt.items()
+            if key.endswith('_opt') and key not in SHARED_LOSS_KEYS and isinstance(value, dict) and value.get('type'))
         logger = get_root_logger()
         self.train_step = TrainStep(self.opt['train'], self.device, logger)
         batch = (self.opt.get('datasets') or {}).get('train', {}).get('batch_size_per_gpu')
@@ -316,17 +318,16 @@ class VLUNetModel(SRModel):
             image_features = self.net_clip(lq)
             losses['l_clip'] = self.cri_clip(image_features, self.net_clip.text_features(), label)
             embedding = image_features.detach()
-        output = self.run_network(self.net_g, lq, self.network_input(lq, label, embedding))
-        stages = list(output) if isinstance(output, (list, tuple)) else [output]
-        self._outputs.append(stages[0].detach())
-        if self.cri_pix:
-            losses['l_pix'] = sum(self.cri_pix(stage, gt) for stage in stages)
-        if self.cri_fft is not None:
-            losses['l_fft'] = self.cri_fft(stages[0], gt)
-        if self.cri_balance is not None:  # e.g. MoCE-IR: weight x the network's total_loss of this forward
-            losses['l_balance'] = self.cri_balance(self.get_bare_model(self.net_g))
+        output = self.card.read_output(self.get_bare_model(self.net_g),
+                                       self.run_network(self.net_g, lq, self.network_input(lq, label, embedding)))
+        self._outputs.append(output.image.detach())
+        if self.cri_pix:  # every supervised image (DGUNet: every stage), as published
+            losses['l_pix'] = sum(self.cri_pix(image, gt) for image in output.supervised)
+        for name, term in self.loss_terms.items():
+            losses[f'l_{name}'] = (term(output, gt, label) if getattr(term, 'takes_network_output', False)
+                                   else term(output.image, gt))
         if self.cri_perceptual:
-            l_percep, l_style = self.cri_perceptual(stages[0], gt)
+            l_percep, l_style = self.cri_perceptual(output.image, gt)
             for name, value in (('l_percep', l_percep), ('l_style', l_style)):
                 if value is not None:
                     losses[name] = value
@@ -362,10 +363,8 @@ class VLUNetModel(SRModel):
 
     # ------------------------------------------------------------------ inference
     def records_stages(self, net=None):
-        """Whether the network returns its unfolding stages (``forward(..., return_stages=True)``: VLUNet)."""
-        import inspect
-        forward = self.get_bare_model(net or self.net_g).forward
-        return 'return_stages' in inspect.signature(forward).parameters
+        """Whether the network records its unfolding stages (``forward(..., return_stages=True)``; its card says)."""
+        return card_for(self.get_bare_model(net or self.net_g)).records_stages
 
     def restore(self, lq, net=None, tile=None, tile_overlap=16, embedding=None, return_stages=False, label=None):
         """Restore a (B,3,H,W) batch in [0,1]: pad to a multiple of 8 (or tile), run, crop back.
@@ -381,12 +380,15 @@ class VLUNetModel(SRModel):
         record = return_stages and self.records_stages(net)
         recorded = []
 
+        card = card_for(self.get_bare_model(net))
+
         def fn(x):
             if record:
                 out, stages = net(x, extra, return_stages=True)
                 recorded.append(stages)
-                return _first(out)
-            return _first(self.run_network(net, x, extra))
+            else:
+                out = self.run_network(net, x, extra)
+            return card.read_output(self.get_bare_model(net), out).image
 
         if tile:
             out = tiled_forward(fn, lq, tile, tile_overlap)

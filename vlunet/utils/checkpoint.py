@@ -20,8 +20,8 @@ format (``source_format``)  layout
 and returns the network's state_dict with the wrapper prefixes (``net.``, ``module.``)
 removed, plus the 24 CLIP adapter tensors of a VLU-Net checkpoint under their published
 names (``ad_imageEncoder.adapter.*``, ``ad_textEncoder.adapter.*``), the ``learnable_params``
-format of ``clip_tuned.pth``. :func:`guess_arch` names the architecture (and the constructor
-arguments visible from tensor shapes) that a state_dict belongs to.
+format of ``clip_tuned.pth``. Which method a state_dict belongs to is told by the method cards
+(:func:`vlunet.archs.card.identify`): this module knows the wrappers, not the networks.
 
 Files are opened with ``torch.load(weights_only=True)``, which cannot run code. A file that
 needs full unpickling (e.g. a Lightning checkpoint whose hyper-parameters are Python
@@ -49,7 +49,7 @@ ADAPTER_KEYS = tuple(f'{prefix}{i}.{p}' for prefix in ADAPTER_PREFIXES for i in 
                      for p in ('weight', 'bias'))
 
 EXPECTED = ("a published checkpoint: a Lightning .ckpt ({'state_dict': {'net.*': ...}}), "
-            "{'params': ...} / {'params_ema': ...} (BasicSR, Restormer), {'state_dict': ...} (DGUNet, DFPIR), "
+            "{'params': ...} / {'params_ema': ...} (BasicSR), {'state_dict': ...}, "
             "{'learnable_params': ...} (clip_tuned.pth) or a bare state_dict of tensors")
 
 
@@ -159,8 +159,9 @@ def load_published_state_dict(path: str, trust_pickle: bool = False,
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{path}: holds a {type(ckpt).__name__}, expected {EXPECTED}')
     if not ckpt:
-        raise CheckpointError(f"{path}: the checkpoint is empty ({{}}). DFPIR's training writes an empty file for "
-                              "every evaluation that was not the best so far; use one that holds 'state_dict'")
+        raise CheckpointError(f"{path}: the checkpoint is empty ({{}}). Some published trainings write an empty "
+                              "file for every evaluation that was not the best so far (vlunet-convert --help lists "
+                              "the formats); use one that holds 'state_dict'")
 
     if 'state_dict' in ckpt:
         state_dict = ckpt['state_dict']
@@ -209,169 +210,3 @@ def adapters_to_our_names(state: Dict[str, torch.Tensor]) -> 'OrderedDict[str, t
 def check_clip_adapters(adapters: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
     """(missing, unexpected) adapter names compared with the 24 published ones."""
     return ([k for k in ADAPTER_KEYS if k not in adapters], [k for k in adapters if k not in ADAPTER_KEYS])
-
-
-# ----------------------------------------------------------------------------------------
-# Which architecture is this?
-# ----------------------------------------------------------------------------------------
-def _count_blocks(params, prefix: str) -> int:
-    """Number of consecutive ``prefix<i>.`` indices present (0, 1, ...)."""
-    n = 0
-    while any(k.startswith(f'{prefix}{n}.') for k in params):
-        n += 1
-    return n
-
-
-def _ffn_expansion_factor(dims, hiddens, default=2.66) -> Optional[float]:
-    """A factor f with int(d * f) == h for every level (the published formula); the default if it fits."""
-    def fits(f):
-        return all(int(d * f) == h for d, h in zip(dims, hiddens))
-
-    if fits(default):
-        return default
-    lo = max(h / d for d, h in zip(dims, hiddens))
-    hi = min((h + 1) / d for d, h in zip(dims, hiddens))
-    for digits in range(1, 8):
-        f = round((lo + hi) / 2, digits)
-        if fits(f):
-            return f
-    return None
-
-
-def _restormer_family(params, blocks: str, bias_key: Optional[str]) -> dict:
-    """Constructor kwargs shared by Restormer, PromptIR and VLUNet; ``blocks`` formats the key
-    prefix of a level's transformer blocks from the level name (block i is ``<prefix><i>.``)."""
-    levels = ('encoder_level1', 'encoder_level2', 'encoder_level3', 'latent')
-    first = {level: f'{blocks.format(level)}0.' for level in levels}
-    stem = params['patch_embed.proj.weight']
-    dim = stem.shape[0]
-    kwargs = dict(inp_channels=stem.shape[1], out_channels=params['output.weight'].shape[0], dim=dim,
-                  num_blocks=[_count_blocks(params, blocks.format(level)) for level in levels],
-                  num_refinement_blocks=_count_blocks(params, blocks.format('refinement')),
-                  heads=[params[first[level] + 'attn.temperature'].shape[0] for level in levels])
-    hiddens = [params[first[level] + 'ffn.project_out.weight'].shape[1] for level in levels]
-    factor = _ffn_expansion_factor([dim, dim * 2, dim * 4, dim * 8], hiddens)
-    if factor is not None:
-        kwargs['ffn_expansion_factor'] = factor
-    kwargs['bias'] = (bias_key or first['encoder_level1'] + 'attn.qkv.bias') in params
-    return kwargs
-
-
-def _layer_norm_type(params):
-    return 'WithBias' if 'encoder_level1.0.norm1.body.bias' in params else 'BiasFree'
-
-
-def _guess_vlunet(params):
-    kwargs = _restormer_family(params, '{}.denoiser.blocks.', bias_key='output.bias')
-    # TransformerBlocks inside VLU-Net ignore the model's LayerNorm_type: not visible in the keys.
-    return dict(de_dim=params['encoder_level1.gradient_descent.prompt_param'].shape[1], **kwargs)
-
-
-def _guess_promptir(params):
-    return dict(_restormer_family(params, '{}.', bias_key=None), LayerNorm_type=_layer_norm_type(params), decoder=True)
-
-
-def _guess_restormer(params):
-    return dict(_restormer_family(params, '{}.', bias_key=None), LayerNorm_type=_layer_norm_type(params),
-                dual_pixel_task='skip_conv.weight' in params)
-
-
-def _guess_adair(params):
-    # Restormer's kwargs plus the frequency blocks (fre1-3); AdaIR(decoder=False) is Restormer's keys exactly.
-    return dict(_restormer_family(params, '{}.', bias_key=None), LayerNorm_type=_layer_norm_type(params), decoder=True)
-
-
-def _guess_dfpir(params):
-    # ``device`` and ``dual_pixel_task`` change nothing in the published network: not in the weights.
-    return dict(_restormer_family(params, '{}.', bias_key=None), LayerNorm_type=_layer_norm_type(params))
-
-
-def _dgunet_common(params):
-    first = params['shallow_feat1.0.weight']
-    n_feat = first.shape[0]
-    squeezed = params['shallow_feat1.1.CA.conv_du.0.weight'].shape[0]
-    return dict(in_c=first.shape[1], out_c=params['tail.weight'].shape[0], n_feat=n_feat,
-                scale_unetfeats=params['stage1_encoder.body.0.conv_1.weight'].shape[0] - n_feat,
-                kernel_size=first.shape[-1], reduction=n_feat // squeezed, bias='shallow_feat1.0.bias' in params)
-
-
-def _guess_dgunet(params):
-    # The middle stage is weight-tied: its number of iterations (depth) is not in the weights.
-    kwargs = _dgunet_common(params)
-    return dict(kwargs, scale_orsnetfeats=params['concat67.weight'].shape[0] - kwargs['n_feat'])
-
-
-def _guess_moceir(params):
-    """MoCEIR kwargs from shapes. Not in the weights: topk, depth_type/stage_depth (they change no
-    shape nor, as published, any output), with_complexity, and rank when rank_type is 'spread'.
-    complexity_scale is read from the ``complexity`` buffer values when they are there."""
-    from vlunet.archs.moceir_arch import expert_ranks  # the published rank schedules
-
-    stem = params['patch_embed.proj.weight']
-    dim, levels = stem.shape[0], _count_blocks(params, 'enc.') + 1
-    enc = [f'enc.{i}.0.layers.' for i in range(levels - 1)] + ['latent.layers.']
-    dec = [f'dec.{i}.2.layers.' for i in range(levels - 1)]  # deepest first: width dim * 2**(levels - 2 - i)
-    kwargs = dict(inp_channels=stem.shape[1], out_channels=params['output.weight'].shape[0], dim=dim, levels=levels,
-                  num_blocks=[_count_blocks(params, p) for p in enc],
-                  num_dec_blocks=[_count_blocks(params, p) for p in dec][::-1],
-                  num_refinement_blocks=_count_blocks(params, 'refinement.layers.'), bias='output.bias' in params)
-    heads = []  # heads[j]: encoder level j, else the decoder level of that width, else (j = 0) the refinement
-    for j in range(levels):
-        where = [enc[j] + '0.mixer.temperature'] + [dec[levels - 2 - j] + '0.shared.temperature'] * (j < levels - 1)
-        where += ['refinement.layers.0.mixer.temperature'] * (j == 0)
-        # a level without blocks has no heads to read (nor to use): continue the released doubling
-        heads.append(next((params[k].shape[0] for k in where if k in params), 2 * heads[-1] if heads else 1))
-    kwargs['heads'] = heads
-    ffn = [params[k].shape for k in params if k.endswith('.ffn.project_out.weight')]
-    factor = _ffn_expansion_factor([s[0] for s in ffn], [s[1] for s in ffn], default=2)
-    if factor is not None:
-        kwargs['ffn_expansion_factor'] = factor
-    norm = next((k for k in params if k.endswith('.norms.0.body.weight')), None)
-    if norm is not None:
-        kwargs['LayerNorm_type'] = 'WithBias' if norm[:-len('weight')] + 'bias' in params else 'BiasFree'
-    adapters = [(dim * 2 ** (levels - 2 - i), f'{dec[i]}0.adapter.') for i in range(levels - 1)
-                if f'{dec[i]}0.adapter.experts.0.0.proj.0.weight' in params]
-    if adapters:
-        n = kwargs['num_experts'] = _count_blocks(params, adapters[0][1] + 'experts.')
-        seen = [(width, [params[f'{a}experts.{e}.0.proj.0.weight'].shape[0] for e in range(n)])
-                for width, a in adapters]
-        for rank_type in ('spread', 'constant', 'lin', 'double', 'exp', 'fact'):
-            rank = next((r for r in (range(1, 13) if rank_type == 'fact' else [seen[0][1][0]])
-                         if all(expert_ranks(rank_type, r, w, n) == ranks for w, ranks in seen)), None)
-            if rank is not None:
-                kwargs.update(rank_type=rank_type, **({} if rank_type == 'spread' else {'rank': rank}))
-                break
-        complexity = params.get(adapters[0][1] + 'routing.complexity')
-        if complexity is not None and complexity.device.type != 'meta':  # parameter counts / max or / min
-            if not complexity.is_floating_point():
-                kwargs['complexity_scale'] = None  # neither: the raw counts
-            elif float(complexity.max()) == 1 or float(complexity.min()) == 1:
-                kwargs['complexity_scale'] = 'max' if float(complexity.max()) == 1 else 'min'
-    return kwargs
-
-
-# (arch name, keys that identify it, kwargs from shapes); the first match wins.
-_SIGNATURES = (
-    ('VLUNet', ('patch_embed_i.proj.weight', 'encoder_level1.gradient_descent.prompt_param'), _guess_vlunet),
-    ('DFPIR', ('patch_embed.proj.weight', 'latent_shuffle_channel.linear_layer3.weight'), _guess_dfpir),  # < Restormer
-    ('AdaIR', ('patch_embed.proj.weight', 'fre1.conv1.weight', 'fre3.rate_conv.0.weight'), _guess_adair),  # < Restormer
-    ('PromptIR', ('prompt1.prompt_param', 'patch_embed.proj.weight'), _guess_promptir),
-    ('Restormer', ('patch_embed.proj.weight', 'encoder_level1.0.attn.qkv.weight'), _guess_restormer),
-    ('DGUNet', ('basic.r1', 'shallow_feat1.0.weight', 'concat67.weight'), _guess_dgunet),
-    ('DGUNetPlus', ('r1', 'r6', 'shallow_feat1.0.weight', 'stage6_encoder.body.0.conv_1.weight'), _dgunet_common),
-    ('MoCEIR', ('patch_embed.proj.weight', 'freq_embed.high_conv.0.conv.weight', 'enc.0.1.body.0.weight'),
-     _guess_moceir),
-)
-
-
-def guess_arch(params: Dict[str, torch.Tensor]) -> Optional[Tuple[str, dict]]:
-    """``(arch name, constructor kwargs)`` for a state_dict of VLUNet, PromptIR, Restormer,
-    DGUNet or DGUNetPlus (kwargs that cannot be seen in the weights keep their defaults,
-    e.g. DGUNet ``depth``), or None when the keys match none of them."""
-    for name, keys, kwargs_from_shapes in _SIGNATURES:
-        if all(k in params for k in keys):
-            try:
-                return name, kwargs_from_shapes(params)
-            except (KeyError, IndexError, ZeroDivisionError):
-                return name, {}  # recognisable but incomplete: the strict load will name what is missing
-    return None
