@@ -22,7 +22,8 @@ import yaml
 import vlunet  # noqa: F401  (BasicSR fixes, registers our archs; must precede basicsr)  # isort: skip
 from basicsr.utils.registry import ARCH_REGISTRY  # isort: skip
 from vlunet.utils.atomic import write_all_atomic
-from vlunet.utils.checkpoint import CheckpointError, check_clip_adapters, guess_arch, load_published_state_dict
+from vlunet.archs.card import guess_arch
+from vlunet.utils.checkpoint import CheckpointError, check_clip_adapters, load_published_state_dict
 
 PROG = 'vlunet-convert'
 
@@ -144,9 +145,14 @@ def convert(src, dst, arch=None, arch_opts=None, clip_out=None, trust_pickle=Fal
 
 
 def build_parser():
+    from vlunet.archs.card import list_methods
+    formats = '\n'.join(f'  {card.name}: {"; ".join(card.checkpoint_formats)}'
+                        for card in list_methods() if card.checkpoint_formats)
     parser = argparse.ArgumentParser(
-        prog=PROG, description='Convert a published VLU-Net / PromptIR / Restormer / DGUNet / AdaIR / MoCE-IR / DFPIR '
-        "checkpoint into a BasicSR {'params': state_dict} file, verified by a strict load into the architecture.")
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f'Convert a published checkpoint of {", ".join(card.name for card in list_methods())} into a '
+        "BasicSR {'params': state_dict} file, verified by a strict load into the architecture.",
+        epilog=f'Published formats read (the method is recognised from the keys and shapes):\n{formats}')
     parser.add_argument('src', metavar='SRC', help='published checkpoint (.ckpt / .pth)')
     parser.add_argument('dst', metavar='DST', help="output file, {'params': state_dict}")
     parser.add_argument('--arch', metavar='NAME', help='ARCH_REGISTRY name (default: inferred from the keys)')
