@@ -44,6 +44,7 @@ setup(
             'vlunet-compare=vlunet.compare:main',
             'vlunet-restore=vlunet.restore:main',
             'vlunet-app=vlunet.app:main',
+            'vlunet-prepare=vlunet.data.prepare:main',
         ],
     },
     classifiers=[

@@ -1,6 +1,6 @@
-"""scripts/prepare_all_in_one.py: every download layout converts; bad input is refused naming the files
-and leaves nothing behind; LMDB output reads like the folders; a failed write leaves no complete-looking output."""
-import importlib.util
+"""vlunet-prepare (vlunet/data/prepare.py; scripts/prepare_all_in_one.py is the same command): every
+download layout converts; bad input is refused naming the files and leaves nothing behind; LMDB output reads
+like the folders; a failed write leaves no complete-looking output."""
 import os
 import re
 import subprocess
@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 import yaml
 
+from vlunet.data import prepare
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'scripts', 'prepare_all_in_one.py')
 
 
 @pytest.fixture(scope='module')
 def prep():
-    spec = importlib.util.spec_from_file_location('prepare_all_in_one', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return prepare
 
 
 _RNG = np.random.default_rng(0)
@@ -289,7 +288,7 @@ def test_existing_output_needs_overwrite(prep, capsys, tmp_path):
     assert rc == 1 and 'already exists' in err and stale.exists()
     assert run(prep, capsys, '--task', 'derain', '--src', src, '--out', out, '--overwrite')[0] == 0
     assert not stale.exists() and os.listdir(out / 'derain' / 'train' / 'input') == ['a.png']
-    assert not [p for p in tree(out) if '.prepare_all_in_one-' in p]
+    assert not [p for p in tree(out) if prep.STAGING_PREFIX in p]
 
 
 def test_check_only_writes_nothing(prep, capsys, tmp_path):
@@ -402,15 +401,15 @@ def test_failed_folder_write_leaves_nothing_and_keeps_the_old_output(prep, capsy
     out = tmp_path / 'o'
     assert run(prep, capsys, '--task', 'derain', '--src', src, '--out', out)[0] == 0
     before = tree(out)
-    real, count = prep.shutil.copyfile, []
+    real, count = prep.shutil.copyfileobj, []
 
-    def copy_then_fail(a, b):
-        count.append(b)
+    def copy_then_fail(*args):  # the atomic writer's fourth file fails while being written
+        count.append(args)
         if len(count) == 4:
             raise OSError('disk full (simulated)')
-        return real(a, b)
+        return real(*args)
 
-    monkeypatch.setattr(prep.shutil, 'copyfile', copy_then_fail)
+    monkeypatch.setattr(prep.shutil, 'copyfileobj', copy_then_fail)
     rc, _, err = run(prep, capsys, '--task', 'derain', '--src', src, '--out', out, '--overwrite')
     assert rc == 1 and 'disk full (simulated)' in err
     assert tree(out) == before  # the previous complete output is untouched, no staging folder is left
@@ -429,7 +428,7 @@ def test_failure_while_renaming_into_place_restores_the_old_output(prep, capsys,
     real_rename, failed = os.rename, []
 
     def rename(a, b):
-        staged = os.path.basename(os.path.dirname(a)).startswith('.prepare_all_in_one-')
+        staged = os.path.basename(os.path.dirname(a)).startswith(prep.STAGING_PREFIX)
         if staged and os.path.basename(a) == 'input' and not failed:  # the new input/, once
             failed.append(a)
             raise OSError('rename failed (simulated)')
