@@ -23,6 +23,18 @@ Options (as BasicSR's, so option files state them the same way):
 * ``crop_border`` (default 0): pixels removed from every side before measuring; the papers use 0.
 * ``test_y_channel`` (default false): measure the BT.601 luma (MATLAB ``rgb2ycbcr``'s Y, in
   [0, 1]) instead of RGB; the papers use false.
+* ``variant``: which of the published computations (the papers on composite degradations, CDD-11,
+  measure differently; a named variant is recorded with the options in ``metrics.json``):
+
+  - SSIM ``float_uniform7`` (default): the float images, scikit-image's default 7x7 uniform window
+    (the all-in-one papers above; also the CDD-11 numbers of the 2026 channel-decomposition paper);
+  - SSIM ``float_gaussian``: the float images, ``gaussian_weights=True`` (11x11 Gaussian window,
+    sigma 1.5, sample covariance), as the complexity-experts paper measures CDD-11;
+  - SSIM ``uint8_uniform7`` / PSNR ``uint8``: the images as saved to 8-bit PNG first
+    (``floor(255 x + 0.5)``, computed in the images' float type as ``torchvision.utils.save_image``
+    does), then read back as ``k / 255`` in float64, default 7x7 window: the CDD-11 authors' own
+    evaluation of saved results (``cal_psnr_ssim.py``);
+  - PSNR ``float`` (default): the float images.
 """
 import numpy as np
 from basicsr.utils.color_util import rgb2ycbcr
@@ -50,22 +62,52 @@ def _prepare(img, img2, crop_border, test_y_channel):
     return img, img2
 
 
+def as_saved_uint8(img):
+    """``img`` (float, clipped to [0, 1]) as an 8-bit PNG holds it, read back as float64 ``k / 255``:
+    ``floor(255 x + 0.5)`` in the image's own float type (``torchvision.utils.save_image``)."""
+    scale, half = img.dtype.type(255), img.dtype.type(0.5)
+    return np.floor(img * scale + half).astype(np.float64) / 255.0
+
+
+# variant -> (quantise to saved 8-bit first, SSIM keyword arguments)
+SSIM_VARIANTS = {
+    'float_uniform7': (False, {}),
+    'float_gaussian': (False, {'gaussian_weights': True}),
+    'uint8_uniform7': (True, {}),
+}
+PSNR_VARIANTS = {'float': False, 'uint8': True}
+
+
+def _variant(table, variant, metric):
+    if variant not in table:
+        raise ValueError(f'{metric}: unknown variant {variant!r}; expected one of {", ".join(table)}')
+    return table[variant]
+
+
 @METRIC_REGISTRY.register()
-def calculate_psnr_skimage(img, img2, crop_border=0, test_y_channel=False, **kwargs):
+def calculate_psnr_skimage(img, img2, crop_border=0, test_y_channel=False, variant='float', **kwargs):
     """PSNR (dB) of float images in [0, 1] as the papers compute it (see the module docstring).
 
-    ``img`` is the restored image, ``img2`` the ground truth (H x W x C, RGB).
+    ``img`` is the restored image, ``img2`` the ground truth (H x W x C, RGB). ``variant``: 'float'
+    (default) or 'uint8' (the images as saved to 8-bit PNG).
     """
+    quantise = _variant(PSNR_VARIANTS, variant, 'calculate_psnr_skimage')
     out, gt = _prepare(img, img2, crop_border, test_y_channel)
+    if quantise:
+        out, gt = as_saved_uint8(out), as_saved_uint8(gt)
     return float(peak_signal_noise_ratio(gt, out, data_range=1))
 
 
 @METRIC_REGISTRY.register()
-def calculate_ssim_skimage(img, img2, crop_border=0, test_y_channel=False, **kwargs):
-    """SSIM of float images in [0, 1] as the papers compute it: scikit-image's default 7x7 uniform
-    window, mean over the channels (see the module docstring)."""
+def calculate_ssim_skimage(img, img2, crop_border=0, test_y_channel=False, variant='float_uniform7', **kwargs):
+    """SSIM of float images in [0, 1] as the papers compute it: by default scikit-image's 7x7 uniform
+    window, mean over the channels; ``variant`` selects another published computation
+    ('float_gaussian', 'uint8_uniform7'; see the module docstring)."""
+    quantise, options = _variant(SSIM_VARIANTS, variant, 'calculate_ssim_skimage')
     out, gt = _prepare(img, img2, crop_border, test_y_channel)
-    return float(structural_similarity(gt, out, data_range=1, channel_axis=2))
+    if quantise:
+        out, gt = as_saved_uint8(out), as_saved_uint8(gt)
+    return float(structural_similarity(gt, out, data_range=1, channel_axis=2, **options))
 
 
 calculate_psnr_skimage.float_input = True
