@@ -16,7 +16,23 @@ It returns an array of the same shape, float32, clipped to [0, 1]. Adding a type
         ...
 
 and then ``degradation: {type: snow, amount: 0.08}`` in an ``AllInOneDataset`` source.
+
+Registered types compose in an option file, applied in order with the one random generator of the
+image (``compose``; e.g. low light, then rain, then haze, the order in which the CDD-11 composite
+types were synthesised)::
+
+    degradation:
+      type: compose
+      steps:
+        - {type: low_light, gamma: [1.5, 2.0]}
+        - {type: rain_streaks, density: 0.01}
+        - {type: haze, beta: [0.6, 1.2]}
+
+:func:`check_degradation` checks such a description (types registered, option names accepted by
+each function, ``steps`` a non-empty list) and names the offending option in its error.
 """
+import inspect
+
 import cv2
 import numpy as np
 from basicsr.utils.registry import Registry
@@ -24,12 +40,17 @@ from basicsr.utils.registry import Registry
 DEGRADATION_REGISTRY = Registry('degradation')
 
 
-def apply_degradation(img, degradation_opt, rng):
-    """Apply the registered degradation described by ``{type: name, **params}`` to ``img``."""
-    params = dict(degradation_opt)
-    name = params.pop('type', None)
-    fn = get_degradation(name)
-    out = fn(img, rng, **params)
+class DegradationOptionError(ValueError):
+    """A degradation description that cannot be applied; the message names the option (e.g.
+    ``degradation.steps[1].type``), what it holds and what was expected."""
+
+
+def apply_degradation(img, degradation_opt, rng, where='degradation'):
+    """Apply the registered degradation described by ``{type: name, **params}`` to ``img``
+    (checked first by :func:`check_degradation`; ``where`` names the option in its errors)."""
+    params = check_degradation(degradation_opt, where)
+    name = params.pop('type')
+    out = get_degradation(name)(img, rng, **params)
     return np.clip(out, 0, 1).astype(np.float32, copy=False)
 
 
@@ -38,6 +59,67 @@ def get_degradation(name):
         known = ', '.join(sorted(DEGRADATION_REGISTRY.keys()))
         raise KeyError(f'unknown degradation type {name!r}; registered types: {known}')
     return DEGRADATION_REGISTRY.get(name)
+
+
+def check_degradation(degradation_opt, where='degradation'):
+    """Check a degradation description and return it as a new dict.
+
+    The type must be registered and every other key a keyword the function accepts (a function
+    with ``**kwargs`` accepts any); a type may check its own options further with a ``check``
+    attribute ``check(params, where)`` (``compose`` checks its steps). Raises
+    :class:`DegradationOptionError` naming ``where`` and the offending key.
+    """
+    if not isinstance(degradation_opt, dict):
+        raise DegradationOptionError(f'{where}: expected a mapping {{type: <registered degradation>, ...}}, '
+                                     f'got {degradation_opt!r}')
+    params = dict(degradation_opt)
+    name = params.get('type')
+    try:
+        fn = get_degradation(name)
+    except KeyError as err:
+        raise DegradationOptionError(f'{where}.type: {err.args[0]}') from None
+    accepted = _keywords(fn)
+    if accepted is not None:
+        unknown = sorted(set(params) - {'type'} - accepted)
+        if unknown:
+            raise DegradationOptionError(f'{where}: {name} has no option {", ".join(map(repr, unknown))} '
+                                         f'(its options: {", ".join(sorted(accepted)) or "none"})')
+    check = getattr(fn, 'check', None)
+    if check is not None:
+        check(params, where)
+    return params
+
+
+def _keywords(fn):
+    """The keyword options of a degradation function (after ``img, rng``), or None if it takes ``**kwargs``."""
+    parameters = list(inspect.signature(fn).parameters.values())[2:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                     inspect.Parameter.KEYWORD_ONLY)}
+
+
+@DEGRADATION_REGISTRY.register()
+def compose(img, rng, steps=()):
+    """Registered degradations applied one after the other with the same generator ``rng``:
+    ``steps`` is a list of descriptions ``{type: name, **params}`` (``compose`` steps may nest). Each
+    step's result is clipped to [0, 1] before the next, as a single degradation's is."""
+    _check_steps({'steps': steps}, 'degradation')
+    for i, step in enumerate(steps):
+        img = apply_degradation(img, step, rng, f'degradation.steps[{i}]')
+    return img
+
+
+def _check_steps(params, where):
+    steps = params.get('steps')
+    if not isinstance(steps, (list, tuple)) or not steps:
+        raise DegradationOptionError(f'{where}.steps: expected a non-empty list of degradations '
+                                     f'[{{type: <registered degradation>, ...}}, ...], got {steps!r}')
+    for i, step in enumerate(steps):
+        check_degradation(step, f'{where}.steps[{i}]')
+
+
+compose.check = _check_steps
 
 
 @DEGRADATION_REGISTRY.register()
