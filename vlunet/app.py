@@ -22,17 +22,30 @@ builds a path from an uploaded file's name: restored files are written under ran
 (sanitised) original name is only what the browser saves the download as. Images above
 ``--max-pixels`` (default 2048 x 2048 = 4.2 megapixels) are refused from their header, before
 decoding: un-tiled, the demo-sized VLU-Net needs about 2 GB of memory per megapixel on a CPU.
+
+The page serves only what it was given (:class:`RequestGuard`, in front of every route, and
+:func:`read_upload`, in front of every read): a file named in a request must be a regular file
+inside this process's upload folder (real path: ``..`` and links resolved) or the request is
+refused before anything is opened, with the same words whether or not the path exists; the
+``Host`` header must name the address the page is bound to (``--allowed-host`` adds names, e.g.
+behind a proxy), cross-origin requests are refused and no CORS origin is echoed. Uploads are
+limited in files and bytes per request, and each request's work is bounded: tiles advance by at
+least :data:`MIN_TILE_STRIDE` pixels (and half a tile), at most :data:`MAX_TILES` tiles per image,
+at most :data:`MAX_QUEUE` requests waiting.
 """
 import argparse
 import atexit
 import html
 import importlib.util
+import ipaddress
+import json
 import os
 import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -40,20 +53,27 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from vlunet.restore import Restoration, build_model, restore_image, save_restored
-from vlunet.utils.image_io import (IMAGE_EXTENSIONS, ImageReadError, ImageTooLargeError, image_from_bytes,
-                                   is_image_file, pixel_count, read_file)
+from vlunet.restore import Restoration, build_model, check_tiling, restore_image, save_restored, tile_count
+from vlunet.utils.image_io import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageReadError, ImageTooLargeError,
+                                   image_from_bytes, is_image_file, pixel_count, read_file)
 
 DEMO_WEIGHTS = os.path.join('experiments', 'VLUNet_demo', 'models', 'net_g_latest.pth')
 DEMO_OPT = os.path.join('options', 'test', 'VLUNet_demo.yml')
 DEMO_TRAIN = os.path.join('options', 'train', 'VLUNet_demo.yml')
-DEFAULT_MAX_PIXELS = 2048 * 2048
-MAX_UPLOAD = '256mb'      # per file, enforced by Gradio's upload route
-KEEP_DOWNLOADS = 256      # restored files kept for download; older ones are deleted
+MAX_FILE_BYTES = 64 * 2**20        # per uploaded file (Gradio's upload route and read_upload)
+MAX_UPLOAD_BYTES = 256 * 2**20     # per upload request
+MAX_FILES = 32                     # files per upload request and per restore request
+MAX_JSON_BYTES = 2**20             # body of any other request
+MIN_TILE_STRIDE = 32               # tiles advance by at least this (and by half a tile) ...
+MAX_TILES = 1024                   # ... and one image is at most this many tiles
+MAX_QUEUE = 16                     # requests waiting for the one worker
+KEEP_DOWNLOADS = 256               # restored files kept for download; older ones are deleted
 EXPECTED = f'expected an image file ({" ".join(IMAGE_EXTENSIONS)}; 8- or 16-bit gray, RGB or RGBA)'
+REFUSED = 'refused: not a file uploaded to this page'   # the same words whether or not the path exists
 
 
 def display_name(path):
@@ -96,18 +116,44 @@ class Restorer:
     Restored files are written with the one atomic writer under random names in ``folder``.
     """
 
-    def __init__(self, model, folder, max_pixels=DEFAULT_MAX_PIXELS):
+    def __init__(self, model, folder, max_pixels=DEFAULT_MAX_PIXELS, upload_dir=None, max_files=MAX_FILES,
+                 min_tile_stride=MIN_TILE_STRIDE, max_tiles=MAX_TILES):
         self.model = model
         self.max_pixels = max_pixels or None
         self.folder = folder
+        # None: read any path (library use); the page sets it to Gradio's upload folder
+        self.upload_dir = os.path.realpath(upload_dir) if upload_dir else None
+        self.max_files, self.min_tile_stride, self.max_tiles = max_files, min_tile_stride, max_tiles
         os.makedirs(folder, exist_ok=True)
         self._downloads = OrderedDict()   # token -> (path on disk, download name)
         self._lock = threading.Lock()
 
+    def read(self, path):
+        """The bytes of an upload: only a regular file inside ``upload_dir`` when that is set."""
+        if self.upload_dir is None:
+            return read_file(path)
+        return read_upload(path, self.upload_dir, display_name(path))
+
+    def check_work(self, count, tile, tile_overlap):
+        """None, or why a request of ``count`` files with these tiles is refused (before any is read)."""
+        if count > self.max_files:
+            return f'{count} files in one request; the page restores at most {self.max_files} at a time'
+        if tile:
+            stride = max(self.min_tile_stride, tile // 2)
+            problem = check_tiling(tile, tile_overlap, stride, names=('the tile', 'the overlap'))
+            if problem:
+                return f'{problem}. Tiles must advance by at least {stride} px on this page'
+        return None
+
     def restore_upload(self, path, tile=None, tile_overlap=32, stages=False):
         """Restore one uploaded file (``path`` is where Gradio stored it); raises ImageReadError."""
         name = display_name(path)
-        rgb, info = image_from_bytes(read_file(path), name, self.max_pixels)
+        rgb, info = image_from_bytes(self.read(path), name, self.max_pixels)
+        if tile and self.max_tiles and tile_count(*rgb.shape[:2], tile, tile_overlap) > self.max_tiles:
+            n = tile_count(*rgb.shape[:2], tile, tile_overlap)
+            raise ImageReadError(f'{name}: {rgb.shape[1]}x{rgb.shape[0]} in tiles of {tile} px with {tile_overlap} px '
+                                 f'overlap makes {n} tiles, more than this page takes per image ({self.max_tiles}); '
+                                 'use larger tiles, a smaller overlap, or no tiling', 'too many tiles')
         result = restore_image(self.model, rgb, tile, tile_overlap, stages)
         stem, ext = os.path.splitext(name)
         ext = ext.lower() if is_image_file(name) else '.png'
@@ -140,6 +186,9 @@ class Restorer:
     def run(self, paths, tile=None, tile_overlap=32, stages=False):
         start = time.perf_counter()
         results, messages = [], []
+        refused = self.check_work(len(paths or []), tile, tile_overlap)
+        if refused:
+            return results, [f'{refused}.'], time.perf_counter() - start
         for path in paths or []:
             name = display_name(path)
             try:
@@ -147,12 +196,292 @@ class Restorer:
             except ImageTooLargeError as err:
                 messages.append(f'{err}; start vlunet-app with --max-pixels N to allow larger images '
                                 '(and tick "Tile large images" to bound the memory)')
+            except UploadRefused as err:
+                messages.append(str(err))
             except ImageReadError as err:
-                messages.append(f'{err}; {EXPECTED}')
+                messages.append(f'{err}; {EXPECTED}' if err.reason != 'too many tiles' else str(err))
             except Exception as err:  # noqa: BLE001  (the page shows it; the server keeps serving)
                 traceback.print_exc()
                 messages.append(f'{name}: could not be restored ({type(err).__name__}: {err})')
         return results, messages, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------ what the page may read and serve
+class UploadRefused(ImageReadError):
+    """A path that is not a file uploaded to this page (the message never says whether it exists)."""
+
+
+def _within(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def confined_path(path, root):
+    """The real path of ``path`` when it is a file inside ``root`` (a real path), else None.
+
+    Decided from the text first (``..`` resolved, nothing outside ``root`` is looked at), then
+    from the real path (links resolved), so a link inside the folder cannot lead out of it."""
+    if not isinstance(path, str) or not path or '\0' in path or '://' in path or path.startswith(('data:', '~')):
+        return None
+    absolute = os.path.abspath(path)
+    if not _within(absolute, root) or absolute == root:
+        return None
+    real = os.path.realpath(absolute)
+    if not _within(real, root) or real == root:
+        return None
+    return real
+
+
+def read_upload(path, root, name=None, max_bytes=MAX_FILE_BYTES):
+    """The bytes of ``path`` if it is a regular file inside the upload folder ``root``; otherwise
+    :class:`UploadRefused`, with one text whatever the reason (outside, link out, missing, a folder,
+    a device), so the answer tells nothing about the server's files."""
+    name = name or display_name(path)
+    refused = UploadRefused(f'{name}: {REFUSED}', REFUSED)
+    real = confined_path(path, root)
+    if real is None:
+        raise refused
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0))
+    except OSError:
+        raise refused from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise refused
+    with os.fdopen(fd, 'rb') as f:
+        if info.st_size > max_bytes:
+            raise ImageReadError(f'{name}: {info.st_size} bytes, more than this page takes per file ({max_bytes})',
+                                 'too large')
+        return f.read(max_bytes + 1)
+
+
+def _file_data(node, loose):
+    """Every dict in a request's values that names a file (Gradio's FileData: a ``path``, or
+    meta._type); other strings go to ``loose`` (the page takes no text: a string there could only be
+    a path that Gradio might resolve on its own)."""
+    if isinstance(node, dict):
+        meta = node.get('meta')
+        if 'path' in node or (isinstance(meta, dict) and meta.get('_type') == 'gradio.FileData'):
+            yield node
+            return
+        for value in node.values():
+            yield from _file_data(value, loose)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _file_data(value, loose)
+    elif isinstance(node, str):
+        loose.append(node)
+
+
+def _host_name(value):
+    """'example.org' of 'Example.org:7860', '::1' of '[::1]:7860' (lower case); None if malformed."""
+    value = (value or '').strip().lower()
+    if value.startswith('['):
+        end = value.find(']')
+        rest = value[end + 1:] if end > 0 else None
+        if rest is None or (rest and not (rest[0] == ':' and rest[1:].isdigit())):
+            return None
+        return value[1:end]
+    name, _, port = value.partition(':')
+    if ':' in port or (port and not port.isdigit()):
+        return None
+    return name or None
+
+
+def _is_ip(name):
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def allowed_host_names(host, extra=()):
+    """Host names the page answers to when bound to ``host``: that address; for loopback also
+    ``localhost``; for every interface (0.0.0.0, ::) any IP address and this machine's names."""
+    names = {n.lower() for n in extra}
+    loopback = {'127.0.0.1', 'localhost', '::1'}
+    wildcard = host in ('0.0.0.0', '::', '')
+    names.add(host.lower().strip('[]'))
+    if host in loopback or (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
+        names |= loopback
+    if wildcard:
+        names |= loopback | {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return names, wildcard
+
+
+def _plain(status, text):
+    body = text.encode()
+    start = {'type': 'http.response.start', 'status': status,
+             'headers': [(b'content-type', b'text/plain; charset=utf-8'), (b'content-length', str(len(body)).encode()),
+                         (b'x-content-type-options', b'nosniff'), (b'cache-control', b'no-store')]}
+    return start, {'type': 'http.response.body', 'body': body}
+
+
+class _Refuse(Exception):
+    def __init__(self, status, text):
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+class RequestGuard:
+    """ASGI middleware in front of the whole app (every Gradio route and ``/download``).
+
+    - ``Host`` must be one of :func:`allowed_host_names` (DNS rebinding); a request with an
+      ``Origin`` is answered only when it is this page's own (no cross-origin use, no CORS echo).
+    - ``/gradio_api/file=...`` serves only regular files inside the upload folder; every other
+      path gets the same 404, before anything is opened.
+    - Any other POST under ``/gradio_api/`` is read (at most :data:`MAX_JSON_BYTES`), and every file
+      it names must be inside the upload folder (at most :data:`MAX_FILES`), or the request is
+      refused before Gradio sees it (so nothing is copied, fetched or opened).
+    - Uploads: at most :data:`MAX_UPLOAD_BYTES` and :data:`MAX_FILES` files per request.
+    - Routes the page does not use that read files or fetch URLs are not served.
+    """
+
+    DENIED = ('/gradio_api/proxy=', '/gradio_api/process_recording', '/gradio_api/vibe', '/gradio_api/undo-vibe',
+              '/gradio_api/dev/', '/gradio_api/run-history', '/gradio_api/runs', '/gradio_api/mcp',
+              '/gradio_api/custom_component', '/monitoring', '/gradio_api/monitoring', '/docs', '/openapi.json')
+    FILE_ROUTES = ('/gradio_api/file=', '/gradio_api/file/')
+
+    def __init__(self, app, upload_dir, host_names, any_ip=False, max_files=MAX_FILES,
+                 max_upload_bytes=MAX_UPLOAD_BYTES, max_json_bytes=MAX_JSON_BYTES):
+        self.app = app
+        self.root = os.path.realpath(upload_dir)
+        self.host_names, self.any_ip = set(host_names), any_ip
+        self.max_files, self.max_upload_bytes, self.max_json_bytes = max_files, max_upload_bytes, max_json_bytes
+
+    def host_allowed(self, host):
+        name = _host_name(host)
+        return name is not None and (name in self.host_names or (self.any_ip and _is_ip(name)))
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] not in ('http', 'websocket'):
+            return await self.app(scope, receive, send)
+        hosts = [v.decode('latin-1') for k, v in scope['headers'] if k.lower() == b'host']
+        origins = [v.decode('latin-1') for k, v in scope['headers'] if k.lower() == b'origin']
+        try:
+            if len(hosts) != 1 or not self.host_allowed(hosts[0]):
+                raise _Refuse(400, 'Invalid Host header')
+            if origins and (len(origins) != 1 or urlsplit(origins[0]).netloc.lower() != hosts[0].strip().lower()):
+                raise _Refuse(403, 'Cross-origin request refused')
+            if scope['type'] == 'websocket':
+                return await self.app(scope, receive, send)
+            path = scope['path']
+            if path.startswith(self.DENIED):
+                raise _Refuse(404, 'Not found')
+            if path.startswith(self.FILE_ROUTES):
+                named = path.split('=', 1)[1] if path.startswith('/gradio_api/file=') else path[len('/gradio_api/file/'):]
+                real = confined_path(named, self.root)
+                if real is None or not os.path.isfile(real):
+                    raise _Refuse(404, 'Not found')
+            elif scope['method'] == 'POST' and path.rstrip('/') == '/gradio_api/upload':
+                return await self._upload(scope, receive, send)
+            elif scope['method'] not in ('GET', 'HEAD', 'OPTIONS'):
+                body = await self._read_body(scope, receive)
+                self._check_files(body)
+                receive = _replay(body, receive)
+        except _Refuse as refusal:
+            if scope['type'] == 'websocket':
+                return await send({'type': 'websocket.close', 'code': 1008})
+            for message in _plain(refusal.status, refusal.text):
+                await send(message)
+            return
+        return await self.app(scope, receive, send)
+
+    async def _read_body(self, scope, receive):
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message['type'] == 'http.disconnect':
+                raise _Refuse(400, 'Incomplete request')
+            chunk = message.get('body', b'')
+            size += len(chunk)
+            if size > self.max_json_bytes:
+                raise _Refuse(413, f'Request too large (limit {self.max_json_bytes} bytes)')
+            chunks.append(chunk)
+            if not message.get('more_body', False):
+                return b''.join(chunks)
+
+    def _check_files(self, body):
+        if not body.strip():
+            return
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise _Refuse(400, 'Expected a JSON body') from None
+        loose = []
+        # the values of the page's inputs: 'data' (queue/join, call, run), the keyword arguments (call/v2)
+        values = data.get('data', data) if isinstance(data, dict) else data
+        files = list(_file_data(values, loose))
+        if len(files) > self.max_files:
+            raise _Refuse(413, f'Too many files in one request (limit {self.max_files})')
+        if loose:
+            raise _Refuse(403, 'Refused: the request names a file that was not uploaded to this page')
+        for entry in files:
+            real = confined_path(entry.get('path'), self.root)
+            if real is None or not os.path.isfile(real):
+                raise _Refuse(403, 'Refused: the request names a file that was not uploaded to this page')
+
+    async def _upload(self, scope, receive, send):
+        headers = {k.lower(): v for k, v in scope['headers']}
+        try:
+            declared = int(headers.get(b'content-length', b''))
+        except ValueError:
+            declared = None
+        refusal = None
+        if declared is None:
+            refusal = _Refuse(411, 'Uploads need a Content-Length')
+        elif declared > self.max_upload_bytes:
+            refusal = _Refuse(413, f'Upload too large (limit {self.max_upload_bytes} bytes per request)')
+        if refusal is not None:
+            for message in _plain(refusal.status, refusal.text):
+                await send(message)
+            return
+        boundary = re.search(rb'boundary="?([^";]+)"?', headers.get(b'content-type', b''))
+        delimiter = b'--' + (boundary.group(1) if boundary else b'')
+        state = {'bytes': 0, 'delimiters': 0, 'tail': b'', 'refused': None, 'started': False}
+
+        async def counted():
+            message = await receive()
+            if message['type'] == 'http.request':
+                chunk = state['tail'] + message.get('body', b'')
+                state['bytes'] += len(message.get('body', b''))
+                state['delimiters'] += chunk.count(delimiter) - state['tail'].count(delimiter)
+                state['tail'] = chunk[-(len(delimiter) - 1):] if len(delimiter) > 1 else b''
+                if state['bytes'] > min(declared, self.max_upload_bytes):
+                    state['refused'] = _Refuse(413, f'Upload too large (limit {self.max_upload_bytes} bytes)')
+                elif state['delimiters'] - 1 > self.max_files:
+                    state['refused'] = _Refuse(413, f'Too many files in one upload (limit {self.max_files})')
+                if state['refused'] is not None:
+                    raise state['refused']
+            return message
+
+        async def guarded_send(message):
+            if state['refused'] is None:
+                state['started'] = True
+                await send(message)
+
+        try:
+            await self.app(scope, counted, guarded_send)
+        except Exception:
+            if state['refused'] is None:
+                raise
+        if state['refused'] is not None and not state['started']:
+            for message in _plain(state['refused'].status, state['refused'].text):
+                await send(message)
+
+
+def _replay(body, receive):
+    """A ``receive`` that gives ``body`` once, then waits on the real one (disconnects)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {'type': 'http.request', 'body': body, 'more_body': False}
+        return await receive()
+    return replay
 
 
 # ---------------------------------------------------------------------------------------- the page
@@ -258,10 +587,7 @@ def build_page(restorer, title):
         def on_restore(paths, show_stages, use_tiles, tile_px, overlap_px):
             tile_px = int(tile_px) if use_tiles and tile_px else None
             overlap_px = int(overlap_px or 0)
-            if tile_px and overlap_px >= tile_px:
-                return ([], gr.update(choices=[], value=None, visible=False),
-                        f'The overlap ({overlap_px} px) must be smaller than the tile ({tile_px} px).', '',
-                        *_detail([], None))
+            paths = [p for p in paths] if isinstance(paths, (list, tuple)) else ([paths] if paths else [])
             found, messages, seconds = restorer.run(paths, tile_px, overlap_px, bool(show_stages))
             if not paths:
                 messages = ['No file uploaded: add one or more images first.']
@@ -276,26 +602,42 @@ def build_page(restorer, title):
     return page
 
 
-def make_app(restorer, title):
-    """FastAPI app: the page at ``/`` and ``/download/<token>`` for the restored files."""
+def make_app(restorer, title, host='127.0.0.1', allowed_hosts=(), upload_dir=None):
+    """The ASGI app: the page at ``/`` and ``/download/<token>`` for the restored files, behind a
+    :class:`RequestGuard` for the address ``host`` it is bound to (``allowed_hosts``: more names)."""
     import gradio as gr
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import FileResponse
+    from gradio.utils import get_upload_folder
+    from starlette.middleware.cors import CORSMiddleware
 
+    upload_dir = os.path.realpath(upload_dir or get_upload_folder())
+    os.makedirs(upload_dir, exist_ok=True)
+    if restorer.upload_dir is None:
+        restorer.upload_dir = upload_dir
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    # a CORS policy of our own (no origin allowed) replaces Gradio's, which echoes any origin when the
+    # Host header is not a localhost name (what a DNS-rebinding page sends)
+    app.add_middleware(CORSMiddleware, allow_origins=[], allow_credentials=False)
 
     @app.get('/download/{token}')
     def download(token: str):
-        found = restorer.download(token)
+        found = restorer.download(token) if re.fullmatch(r'[0-9a-f]{24}', token) else None
         if found is None or not os.path.isfile(found[0]):
             raise HTTPException(404, 'no such restored file (it may have been replaced by newer ones)')
         return FileResponse(found[0], filename=found[1], media_type='application/octet-stream')
 
     page = build_page(restorer, title)
-    page.queue(default_concurrency_limit=1)  # one restore at a time: the model uses every core
-    return gr.mount_gradio_app(app, page, path='/', footer_links=[], allowed_paths=[], max_file_size=MAX_UPLOAD,
-                               ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False, css=CSS,
-                               show_error=False)
+    # one restore at a time (the model uses every core), and a bounded line behind it
+    page.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
+    app = gr.mount_gradio_app(app, page, path='/', footer_links=[], allowed_paths=[], max_file_size=MAX_FILE_BYTES,
+                              ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False, css=CSS,
+                              show_error=False, run_history=False)
+    # Gradio checks that a file named in a request was uploaded (processing_utils._check_allowed) only
+    # once launch() has run; mounted, the page never calls launch(), so say it has
+    page.has_launched = True
+    names, any_ip = allowed_host_names(host, allowed_hosts)
+    return RequestGuard(app, upload_dir, names, any_ip)
 
 
 # ---------------------------------------------------------------------------------------- command
@@ -347,6 +689,12 @@ def main(argv=None):
     parser.add_argument('--device', default=None, help="'cpu', 'cuda', 'cuda:1' ... (default: cuda if available)")
     parser.add_argument('--max-pixels', type=int, default=DEFAULT_MAX_PIXELS,
                         help=f'refuse images with more pixels (default {DEFAULT_MAX_PIXELS}; 0: no limit)')
+    parser.add_argument('--allowed-host', action='append', default=[], metavar='NAME',
+                        help='also answer requests whose Host header names NAME (e.g. the name of a reverse proxy); '
+                             'the bound address (and localhost for 127.0.0.1) always works')
+    parser.add_argument('--trust-pickle', action='store_true',
+                        help='allow full unpickling of a checkpoint that holds more than tensors (this runs code '
+                             'stored in the file: only for files from a source you trust)')
     args = parser.parse_args(argv)
 
     opt = args.opt
@@ -373,12 +721,12 @@ def main(argv=None):
     import torch
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
-        model = build_model(opt, args.model, device)
+        model = build_model(opt, args.model, device, trust_pickle=args.trust_pickle)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f'error: {err.args[0] if err.args else err}', file=sys.stderr)
         return 2
 
-    temp = tempfile.mkdtemp(prefix='vlunet-app-')
+    temp = os.path.realpath(tempfile.mkdtemp(prefix='vlunet-app-'))
     atexit.register(shutil.rmtree, temp, True)
     os.environ['GRADIO_TEMP_DIR'] = os.path.join(temp, 'uploads')  # before Gradio is imported (make_app)
     import uvicorn
@@ -395,10 +743,10 @@ def main(argv=None):
     weights = args.model or f'path.pretrain_network_g of {opt}'
     limit = f'images up to {pixel_count(args.max_pixels)}' if args.max_pixels else 'no pixel limit'
     title = f'Model: **{net}** ({html.escape(weights)}), {clip}; device {device}; {limit}.'
-    restorer = Restorer(model, os.path.join(temp, 'restored'), args.max_pixels)
-    app = make_app(restorer, title)
-
+    restorer = Restorer(model, os.path.join(temp, 'restored'), args.max_pixels, upload_dir=os.path.join(temp, 'uploads'))
     host, port = sock.getsockname()[:2]
+    app = make_app(restorer, title, args.host, [*args.allowed_host, host], upload_dir=os.path.join(temp, 'uploads'))
+
     shown = f'[{host}]' if ':' in host else host
     print(f'vlunet-app: serving {net} on http://{shown}:{port}/ (Ctrl+C stops it)', flush=True)
     if args.host not in ('127.0.0.1', 'localhost', '::1'):

@@ -9,7 +9,9 @@ Option file (``datasets.train``; validation sets use the same type with one sour
     io_backend: {type: disk}     # default for every source; lmdb works too
     seed: 0                      # validation: degraded images are a fixed function of (seed, file)
     skip_unreadable: false       # true: leave out images that cannot be read (counted in the log);
-                                 # default: stop with an error naming the file and the dataset
+                                 # default: stop with an error naming the file, the reason and the dataset
+    max_pixels: 4194304          # images with more pixels are unreadable (checked from the header, before
+                                 # decoding; the limit vlunet-restore and vlunet-app share); 0: no limit
     sources:
       - name: noise15            # degradation type name (reported per item)
         label: 0                 # integer label = index of its CLIP prompt (prompt_index overrides)
@@ -39,7 +41,8 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 
 from vlunet.data.degradations import NOISE_DEGRADATIONS, apply_degradation, get_degradation
-from vlunet.utils.image_io import ImageReadError, decode_image, is_image_file, raw_to_bgr_float
+from vlunet.utils.image_io import (DEFAULT_MAX_PIXELS, ImageReadError, ImageTooLargeError, decode_image, is_image_file,
+                                   raw_to_bgr_float, unreadable_reason)
 
 
 PACKAGE_PREFIX = 'vlunet://'
@@ -56,20 +59,23 @@ class DatasetError(ValueError):
     """Bad dataset input; the message names the file or option key and what was expected."""
 
 
-def _read_image(file_client, path, client_key):
-    """Read one image as float32 HWC BGR in [0, 1] (8- or 16-bit; gray is expanded to 3 channels)."""
+def _read_image(file_client, path, client_key, max_pixels=DEFAULT_MAX_PIXELS):
+    """Read one image as float32 HWC BGR in [0, 1] (8- or 16-bit; gray is expanded to 3 channels).
+    Images above ``max_pixels`` (from the header, before decoding) are unreadable, as for vlunet-restore."""
     try:
         buf = file_client.get(path, client_key)
-    except FileNotFoundError:
-        raise _unreadable(f'image file not found: {path}') from None
     except OSError as err:
-        raise _unreadable(f'{path}: cannot read the file ({err})') from None
+        reason = unreadable_reason(path, err)
+        if reason == 'image file not found':
+            raise _unreadable(f'image file not found: {path}') from None
+        raise _unreadable(f'{path}: {reason}') from None
     if buf is None:
         raise _unreadable(f'no entry {path!r} in LMDB {client_key!r}')
     try:
-        return raw_to_bgr_float(decode_image(buf, path))
+        return raw_to_bgr_float(decode_image(buf, path, max_pixels))
     except ImageReadError as err:
-        raise _unreadable(str(err)) from None
+        hint = '; raise the dataset option max_pixels (0: no limit)' if isinstance(err, ImageTooLargeError) else ''
+        raise _unreadable(f'{err}{hint}') from None
 
 
 def _unreadable(message):
@@ -198,6 +204,11 @@ class AllInOneDataset(data.Dataset):
                       for ni in range(len(src.names))]
         self.file_clients = [None] * len(self.sources)
         self.skip_unreadable = bool(opt.get('skip_unreadable', False))
+        max_pixels = opt.get('max_pixels', DEFAULT_MAX_PIXELS)
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
+            raise DatasetError(f'datasets.{opt.get("name", "?")}.max_pixels: expected a whole number >= 0 '
+                               f'(0: no limit), got {max_pixels!r}')
+        self.max_pixels = max_pixels or None
         self._skipped = 0
         if self.skip_unreadable and self.phase != 'train':
             self._drop_unreadable()
@@ -245,10 +256,10 @@ class AllInOneDataset(data.Dataset):
         client = self._client(si)
         rng = self._rng(src, name)
         gt_path = src.path('gt', name)
-        gt = _read_image(client, gt_path, 'gt')
+        gt = _read_image(client, gt_path, 'gt', self.max_pixels)
         if src.paired:
             lq_path = src.path('lq', name)
-            lq = _read_image(client, lq_path, 'lq')
+            lq = _read_image(client, lq_path, 'lq', self.max_pixels)
             if lq.shape != gt.shape:
                 raise DatasetError(f'size mismatch: {lq_path} is {lq.shape[1]}x{lq.shape[0]} but '
                                    f'{gt_path} is {gt.shape[1]}x{gt.shape[0]} (W x H)')
@@ -282,7 +293,7 @@ class AllInOneDataset(data.Dataset):
             src, name = self.sources[si], self.sources[si].names[ni]
             try:
                 for key in src.roots:
-                    _read_image(self._client(si), src.path(key, name), key)
+                    _read_image(self._client(si), src.path(key, name), key, self.max_pixels)
                 kept.append((si, ni))
             except DatasetError as err:
                 if not getattr(err, 'unreadable', False):

@@ -1,10 +1,17 @@
 """The one atomic writer: every file that training, testing, restoring or converting writes.
 
-A file is written to a temporary file in the same folder (``.<name>.<random>.tmp``), flushed and
+A file is written to a temporary file in the same folder (``.<name>.<random>.tmp``, the name
+shortened to fit the file system's NAME_MAX; the final name is never changed), flushed and
 fsync'ed, then renamed over the destination with ``os.replace`` (and the folder fsync'ed), so a
 reader sees the old file or the complete new one, never a truncated one, even if the process is
 killed mid-write. The temporary file is created with mode 0666 minus the umask, so written files
 get the permissions the user's umask gives (``tempfile.mkstemp`` would give 0600).
+
+A failed write (full disk, quota, file size limit) is always an ``OSError`` naming the
+destination, with the errno of the failing write: ``torch.save`` reports such a failure as
+``RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...``, which is turned back
+into the ``OSError`` it came from. The temporary file is removed; the destination is untouched.
+A final name longer than the folder allows is refused (``ENAMETOOLONG``) before anything is written.
 
     write_atomic(path, lambda f: f.write(data))          # bytes
     torch_save_atomic(obj, path)
@@ -12,14 +19,93 @@ get the permissions the user's umask gives (``tempfile.mkstemp`` would give 0600
     write_image_atomic(path, img)                        # OpenCV array, format from the extension
     write_all_atomic([(path_a, write_a), (path_b, write_b)])   # all complete before any is replaced
 """
+import errno
 import json
 import os
+import re
 import secrets
+
+# temporary files of this writer: '.<name, maybe shortened>.<8 hex digits>.tmp'
+TEMP_PATTERN = re.compile(r'^\..*\.[0-9a-f]{8}\.tmp$', re.DOTALL)
+# what torch.save's zip writer raises when a write of the file object failed
+_TORCH_WRITE_FAILURES = ('unexpected pos', 'file write failed', 'PytorchStreamWriter failed')
+
+
+def name_max(folder):
+    """The longest file name (bytes) the file system of ``folder`` allows (255 where unknown)."""
+    try:
+        return os.pathconf(folder, 'PC_NAME_MAX')
+    except (OSError, ValueError):
+        return 255
+
+
+def name_too_long(folder, name):
+    """True when ``name`` does not fit the file system of ``folder`` (NAME_MAX bytes)."""
+    return len(os.fsencode(name)) > name_max(folder)
 
 
 def _temp_path(path):
+    """``.<name>.<random>.tmp`` beside ``path``; the name part is shortened (never the final name)
+    so the temporary name fits NAME_MAX."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f'.{name}.{secrets.token_hex(4)}.tmp')
+    suffix = f'.{secrets.token_hex(4)}.tmp'
+    room = name_max(folder) - 1 - len(suffix)
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return os.path.join(folder, f'.{name}{suffix}')
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files a killed process left in ``folder``; returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(folder, name)
+        if TEMP_PATTERN.match(name) and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+class _RecordingFile:
+    """The open temporary file as ``write(f)`` sees it, keeping the first OSError a write raised
+    (torch.save turns it into a RuntimeError that no longer says what happened)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _write_failure(err, recorded, path):
+    """The OSError naming ``path`` that a failed write is reported as, or None to re-raise ``err``."""
+    if isinstance(err, OSError):
+        cause = err
+    elif recorded is not None and isinstance(err, Exception):
+        cause = recorded
+    elif isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITE_FAILURES):
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else 'RuntimeError'
+        return OSError(errno.EIO, f'writing failed ({first}; is the disk or quota full?)', str(path))
+    else:
+        return None
+    if cause.errno is None:
+        return None if cause is err else OSError(str(cause))
+    return OSError(cause.errno, cause.strerror or os.strerror(cause.errno), str(path))
 
 
 def _fsync_folder(folder):
@@ -40,16 +126,27 @@ def _write_temp(path, write, binary):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'{path}: the folder {folder} does not exist')
+    if name_too_long(folder, os.path.basename(os.path.abspath(path))):
+        raise OSError(errno.ENAMETOOLONG, f'File name too long for this folder (more than {name_max(folder)} bytes)',
+                      str(path))
     tmp = _temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    recording = None
     try:
         with os.fdopen(fd, 'wb' if binary else 'w', **({} if binary else {'encoding': 'utf-8', 'newline': ''})) as f:
-            write(f)
+            recording = _RecordingFile(f)
+            write(recording)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        failure = _write_failure(err, recording.error if recording else None, path)
+        if failure is None or failure is err:
+            raise
+        raise failure from err
     return tmp
 
 
