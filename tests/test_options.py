@@ -149,3 +149,113 @@ def test_full_size_networks_build(method, setting):
         assert text['cache'].startswith(f'experiments/{method}_{setting}/')
     else:
         assert 'text_embedding' not in opt
+
+
+# ------------------------------------------------------------------------------------------------
+# CDD-11: eleven composite types, one paired source and one validation set per type, the whole image
+# ------------------------------------------------------------------------------------------------
+CDD11_TYPES = ('low', 'haze', 'rain', 'snow', 'low_haze', 'low_rain', 'low_snow', 'haze_rain', 'haze_snow',
+               'low_haze_rain', 'low_haze_snow')
+CDD11_METRICS = {'psnr': {'type': 'calculate_psnr_skimage', 'crop_border': 0, 'test_y_channel': False,
+                          'variant': 'float'},
+                 'ssim': {'type': 'calculate_ssim_skimage', 'crop_border': 0, 'test_y_channel': False,
+                          'variant': 'float_uniform7'}}
+
+
+def _cdd11_methods():
+    """Every method with CDD-11 files: those of the NHR setting, and any newer one that has its own."""
+    found = {os.path.basename(p)[:-len('_CDD11.yml')] for p in glob.glob(os.path.join(REPO, 'options', 'train', '*_CDD11.yml'))}
+    found.discard('CLIPAdapter')
+    assert set(METHODS) <= found, f'CDD11 training files missing for {sorted(set(METHODS) - found)}'
+    return sorted(found)
+
+
+def _own_loss_keys():
+    """A method's own training terms (train.<key>), read from the method cards: not part of the protocol."""
+    from vlunet.archs.card import list_methods
+    return set(METHOD_LOSS_KEYS) | {term.key for card in list_methods() for term in card.training_terms}
+
+
+@pytest.mark.parametrize('path', sorted(p for p in glob.glob(os.path.join(REPO, 'options', '*', '*_CDD11.yml'))
+                                        if 'CLIPAdapter' not in p))
+def test_every_cdd11_file_declares_the_cdd11_protocol(path):
+    opt = _load(path)
+    with open(path) as f:
+        header = [line for line in f if line.startswith('#')]
+    assert any(line.startswith('# Protocol: CDD-11') for line in header), f'{path}: no "# Protocol: CDD-11" line'
+    assert opt['val']['metrics'] == CDD11_METRICS, path
+    assert opt['val'].get('center_crop_multiple') is None, f'{path}: CDD-11 measures the whole image'
+    val_sets = [v for k, v in opt['datasets'].items() if k != 'train']
+    assert [v['name'] for v in val_sets] == [f'CDD11_{t}' for t in CDD11_TYPES], path
+    for k, (t, val) in enumerate(zip(CDD11_TYPES, val_sets)):
+        (source, ) = val['sources']
+        assert (source['name'], source['label']) == (t, k), path
+        assert source['dataroot_gt'] == 'datasets/cdd11/test/clear' and source['dataroot_lq'] == f'datasets/cdd11/test/{t}'
+        assert source['meta_info_file'] == f'datasets/cdd11/meta_info_cdd11_test_{t}.txt'
+    if 'train' in opt['datasets']:
+        sources = opt['datasets']['train']['sources']
+        assert [(s['name'], s['label'], s['dataroot_lq']) for s in sources] == \
+            [(t, k, f'datasets/cdd11/train/{t}') for k, t in enumerate(CDD11_TYPES)], path
+
+
+def test_all_methods_share_one_cdd11_protocol():
+    methods = _cdd11_methods()
+    own = _own_loss_keys()
+
+    def protocol(opt, key):
+        return {k: v for k, v in opt['train'].items() if k not in own} if key == 'train' else opt[key]
+
+    opts = {m: _load(os.path.join(REPO, 'options', 'train', f'{m}_CDD11.yml')) for m in methods}
+    reference = opts['VLUNet']
+    assert not own & set(reference['train'])
+    for method, opt in opts.items():
+        assert opt['name'] == f'{method}_CDD11'
+        for key in ('datasets', 'train', 'val', 'logger', 'manual_seed', 'model_type'):
+            assert protocol(opt, key) == protocol(reference, key), f'{method}_CDD11.yml differs from VLUNet_CDD11.yml in {key}'
+        nhr = os.path.join(REPO, 'options', 'train', f'{method}_NHR.yml')
+        if os.path.isfile(nhr):  # the same network and own training terms as the method's NHR file
+            nhr = _load(nhr)
+            assert {k: v for k, v in opt['network_g'].items() if k != 'de_dim'} == \
+                {k: v for k, v in nhr['network_g'].items() if k != 'de_dim'}, method
+            assert {k: v for k, v in opt['train'].items() if k in own} == \
+                {k: v for k, v in nhr['train'].items() if k in own}, method
+    # the published CDD-11 run of MoCE-IR in iterations: 15 warm-up epochs, cosine over 150 epochs, 120 trained
+    train = reference['train']
+    sched = train['scheduler']
+    assert sched['type'] == 'LinearWarmupCosineLR' and train['optim_g']['type'] == 'AdamW' and train['optim_g']['lr'] == 2e-4
+    assert sched['warmup_iter'] * 150 == sched['total_iter'] * 15 and sched['total_iter'] * 120 == train['total_iter'] * 150
+    data = reference['datasets']['train']
+    assert data['gt_size'] == 128 and data['batch_size_per_gpu'] == 8 and {s['repeat'] for s in data['sources']} == {2}
+    tests = {m: _load(os.path.join(REPO, 'options', 'test', f'{m}_CDD11.yml')) for m in methods}
+    val_sets = [v['name'] for k, v in reference['datasets'].items() if k.startswith('val')]
+    for method, opt in tests.items():
+        assert [v['name'] for v in opt['datasets'].values()] == val_sets
+        assert opt['val']['metrics'] == reference['val']['metrics']
+        assert opt['network_g'] == opts[method]['network_g']
+        assert opt.get('text_embedding') == opts[method].get('text_embedding'), method
+        assert opt.get('network_clip') == opts[method].get('network_clip'), method
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_full_size_cdd11_networks_build(method):
+    opt = _load(os.path.join(REPO, 'options', 'train', f'{method}_CDD11.yml'))
+    with torch.device('meta'):
+        net = build_network(dict(opt['network_g']))
+    params = sum(p.numel() for p in net.parameters())
+    assert params > 10_000_000, f'{method}_CDD11: {params} parameters is not the full-size model'
+    if method in PUBLISHED_PARAMS:
+        assert params == PUBLISHED_PARAMS[method], f'{method}_CDD11: {params} parameters'
+    prompts = [s['prompt'] for s in opt['datasets']['train']['sources']]
+    assert len(set(prompts)) == len(CDD11_TYPES)
+    if method == 'VLUNet':  # one prompt component per type; the CLIP stage of this setting has the same prompts
+        clip = _load(os.path.join(REPO, 'options', 'train', 'CLIPAdapter_CDD11.yml'))
+        assert opt['network_g']['de_dim'] == len(CDD11_TYPES)
+        assert opt['network_clip']['prompts'] == clip['network_g']['prompts'] == prompts
+        assert opt['network_clip']['load_path'].startswith('experiments/CLIPAdapter_CDD11/')
+        assert [s['label'] for s in clip['datasets']['train']['sources']] == list(range(len(CDD11_TYPES)))
+    if method == 'DFPIR':  # one text prompt per label
+        text = opt['text_embedding']
+        assert len(text['prompts']) == len(set(text['prompts'])) == len(CDD11_TYPES)
+        assert text['cache'].startswith(f'experiments/{method}_CDD11/') and text['mode'] == 'oracle'
+    else:
+        assert 'text_embedding' not in opt
