@@ -5,10 +5,16 @@ Each RESULT_DIR is a ``results/<name>/`` folder written by ``vlunet-test`` (``me
 validation set, average over sets; first row = the degraded inputs), writes it to
 ``OUT/comparison.md`` and ``OUT/comparison.csv``, and with ``--images`` draws one PNG grid per image
 name: input | each method | ground truth, one row per validation set holding that image.
+
+Averages are only ever taken over the same sets: a folder that lacks a validation set another
+folder has is marked ``incomplete: missing SET`` and gets no average, and so does one whose
+``metrics.json`` holds a NaN/inf or lacks a metric the others have (the cell shows it, a warning
+names the file, set and key).
 """
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 
@@ -19,9 +25,16 @@ from vlunet.utils.atomic import write_atomic, write_image_atomic, write_text_ato
 GMAC_SIZE = 256
 
 
+class ResultError(ValueError):
+    """A results folder whose files cannot be read (the message names the file)."""
+
+
 def _load_json(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ResultError(f'{path}: cannot be read as JSON ({err})') from None
 
 
 def load_result(result_dir):
@@ -31,8 +44,12 @@ def load_result(result_dir):
         raise FileNotFoundError(f'{result_dir}: no metrics.json (expected a results/<name>/ folder of vlunet-test)')
     model_path = os.path.join(result_dir, 'model.json')
     model = _load_json(model_path) if os.path.isfile(model_path) else {}
-    return {'name': os.path.basename(os.path.normpath(result_dir)), 'dir': result_dir,
-            'metrics': _load_json(metrics_path), 'model': model}
+    metrics = _load_json(metrics_path)
+    if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
+        raise ResultError(f'{metrics_path}: expected {{validation set: {{psnr, ssim, ...}}}}, got '
+                          f'{type(metrics).__name__}')
+    return {'name': os.path.basename(os.path.normpath(result_dir)), 'dir': result_dir, 'metrics': metrics,
+            'model': model if isinstance(model, dict) else {}}
 
 
 class ProtocolMismatch(ValueError):
@@ -158,17 +175,61 @@ def _fmt(value, digits):
     return '-' if value is None else f'{value:.{digits}f}'
 
 
+def _number(entry, key):
+    """``(value, problem)`` of ``entry[key]``: a finite number, or None and what is wrong with it."""
+    if key not in entry:
+        return None, f'no "{key}"'
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f'"{key}" is {value!r}, not a number'
+    if not math.isfinite(value):
+        return None, f'"{key}" is {value}'
+    return float(value), None
+
+
+def _measured(metrics, sets, keys, where):
+    """Cells ``{set: (psnr, ssim)}`` and the problems (missing sets, missing or non-finite values)
+    of one row; ``keys``: the (psnr, ssim) key names, ``where``: the file named in problems."""
+    cells, missing, invalid = {}, [], []
+    for s in sets:
+        entry = metrics.get(s)
+        if entry is None:
+            missing.append(s)
+            cells[s] = (None, None)
+            continue
+        pair = []
+        for key, expected in keys:
+            value, problem = _number(entry, key)
+            if problem and (expected[s] or key in entry):
+                invalid.append(f'{s}: {problem} in {where}')
+            pair.append(value)
+        cells[s] = tuple(pair)
+    return cells, missing, invalid
+
+
 def build_table(results, with_gmacs=True):
-    """Rows (list of dicts) and the ordered list of validation-set names."""
+    """Rows (list of dicts) and the ordered list of validation-set names.
+
+    A row is averaged only when it has every set of the table with finite numbers; otherwise its
+    ``average`` is ``(None, None)`` and ``note`` says why (``incomplete: missing SET``, or the
+    invalid value with its file)."""
     sets = []
     for r in results:
         for name in r['metrics']:
             if name not in sets:
                 sets.append(name)
+
+    def expected(key):  # a metric is expected in a set when any folder has it there
+        return {s: any(key in r['metrics'].get(s, {}) for r in results) for s in sets}
+
+    method_keys = [('psnr', expected('psnr')), ('ssim', expected('ssim'))]
+    input_keys = [('input_psnr', expected('input_psnr')), ('input_ssim', expected('input_ssim'))]
     rows = []
-    first = results[0]['metrics']
-    rows.append({'method': 'Input (degraded)', 'params_M': None, 'gmacs': None,
-                 **{s: (first.get(s, {}).get('input_psnr'), first.get(s, {}).get('input_ssim')) for s in sets}})
+    # the degraded inputs: each set from the first folder that has it (the inputs are the same for all)
+    first = {s: next(r['metrics'][s] for r in results if s in r['metrics']) for s in sets}
+    cells, missing, invalid = _measured(first, sets, input_keys, 'the first metrics.json holding the set')
+    rows.append({'method': 'Input (degraded)', 'params_M': None, 'gmacs': None, **cells,
+                 'missing': missing, 'invalid': invalid})
     for r in results:
         model = r['model']
         gmacs = model.get('gmacs_256')
@@ -181,15 +242,29 @@ def build_table(results, with_gmacs=True):
         label = r['name'] + (f' ({model["network_g"]["type"]})' if model.get('network_g') else '')
         if (model.get('conditioning') or '').startswith('text prompt'):  # DFPIR: oracle or blind prompt
             label = label[:-1] + f', {model["conditioning"]})'
-
+        cells, missing, invalid = _measured(r['metrics'], sets, method_keys,
+                                            os.path.join(r['dir'], 'metrics.json'))
         rows.append({'method': label, 'params_M': None if params is None else params / 1e6, 'gmacs': gmacs,
-                     **{s: (r['metrics'].get(s, {}).get('psnr'), r['metrics'].get(s, {}).get('ssim')) for s in sets}})
+                     **cells, 'missing': missing, 'invalid': invalid})
     for row in rows:
-        pairs = [row[s] for s in sets if row[s][0] is not None]
-        row['average'] = (float(np.mean([p for p, _ in pairs])), float(np.mean([q for _, q in pairs
-                                                                                  if q is not None]))) \
-            if pairs else (None, None)
+        notes = []
+        if row['missing']:
+            notes.append(f'incomplete: missing {", ".join(row["missing"])}')
+        notes += [f'invalid: {p}' for p in row['invalid']]
+        row['note'] = '; '.join(notes)
+        if notes or not sets:
+            row['average'] = (None, None)
+            continue
+        ssims = [row[s][1] for s in sets]
+        row['average'] = (float(np.mean([row[s][0] for s in sets])),
+                          float(np.mean(ssims)) if all(q is not None for q in ssims) else None)
     return rows, sets
+
+
+def _cell(row, s):
+    if s in row['missing']:
+        return 'missing'
+    return f'{_fmt(row[s][0], 2)} / {_fmt(row[s][1], 4)}'
 
 
 def to_markdown(rows, sets):
@@ -197,9 +272,21 @@ def to_markdown(rows, sets):
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for row in rows:
         cells = [row['method'], _fmt(row['params_M'], 2), _fmt(row['gmacs'], 2)]
-        cells += [f'{_fmt(row[s][0], 2)} / {_fmt(row[s][1], 4)}' for s in sets + ['average']]
-        lines.append('| ' + ' | '.join(cells) + ' |')
+        cells += [_cell(row, s) for s in sets]
+        average = f'{_fmt(row["average"][0], 2)} / {_fmt(row["average"][1], 4)}'
+        if row.get('note'):
+            average = 'not averaged (' + ('incomplete' if row['missing'] else 'invalid values') + ')'
+        lines.append('| ' + ' | '.join(cells + [average]) + ' |')
     return '\n'.join(lines)
+
+
+def describe_unaveraged(rows):
+    """Lines under the table naming each row that got no average, and why."""
+    lines = [f'Not averaged: {row["method"]}: {row["note"]}.' for row in rows if row.get('note')]
+    if lines:
+        lines.append('An average over other sets would not compare with the rest; re-run vlunet-test for the '
+                     'missing sets, or compare only folders that share them.')
+    return lines
 
 
 def write_csv(path, rows, sets):
@@ -208,12 +295,12 @@ def write_csv(path, rows, sets):
         header = ['method', 'params_M', 'gmacs_256']
         for s in sets + ['average']:
             header += [f'{s}_psnr', f'{s}_ssim']
-        writer.writerow(header)
+        writer.writerow(header + ['note'])
         for row in rows:
             values = [row['method'], row['params_M'], row['gmacs']]
             for s in sets + ['average']:
                 values += list(row[s])
-            writer.writerow(['' if v is None else v for v in values])
+            writer.writerow(['' if v is None else v for v in values] + [row.get('note', '')])
 
     write_atomic(path, write, binary=False)
 
@@ -271,14 +358,15 @@ def main(argv=None):
     parser.add_argument('--no-gmacs', action='store_true', help='do not count GMACs (faster)')
     args = parser.parse_args(argv)
 
-    results, skipped = [], []
+    results = []
     for d in args.results:
-        if os.path.isfile(os.path.join(d, 'metrics.json')):
+        if not os.path.isfile(os.path.join(d, 'metrics.json')):
+            print(f'warning: skipping {d}: no metrics.json', file=sys.stderr)
+            continue
+        try:
             results.append(load_result(d))
-        else:
-            skipped.append(d)
-    for d in skipped:
-        print(f'warning: skipping {d}: no metrics.json', file=sys.stderr)
+        except ResultError as err:
+            print(f'warning: skipping {d}: {err}', file=sys.stderr)
     if not results:
         print('error: none of the given folders holds a metrics.json written by vlunet-test', file=sys.stderr)
         return 2
@@ -289,7 +377,10 @@ def main(argv=None):
         return 3
     rows, sets = build_table(results, with_gmacs=not args.no_gmacs)
     table = to_markdown(rows, sets)
-    notes = describe_protocols(protocols)
+    unaveraged = describe_unaveraged(rows)
+    for line in unaveraged[:-1]:
+        print(f'warning: {line}', file=sys.stderr)
+    notes = unaveraged + describe_protocols(protocols)
     print(table + '\n\n' + '\n'.join(notes))
     os.makedirs(args.out, exist_ok=True)
     write_text_atomic(os.path.join(args.out, 'comparison.md'),
