@@ -9,7 +9,8 @@ BasicSR files, a bare state_dict). The architecture and its constructor argument
 shapes unless given; the network is built from BasicSR's ARCH_REGISTRY and the weights must
 load into it with ``strict=True``, otherwise nothing is written and the missing / unexpected
 keys and shape mismatches are reported. Outputs are written atomically (temporary file, then
-rename), so a failed run never leaves a partial file.
+rename), so a failed run never leaves a partial file. DST equal to SRC, or ``--clip-out`` equal
+to SRC or DST (also through links, ``..`` or a hard link), is refused before anything is read.
 """
 import argparse
 import os
@@ -98,12 +99,37 @@ def write_atomically(outputs):
     write_all_atomic([(path, lambda f, obj=obj: torch.save(obj, f)) for obj, path in outputs])
 
 
+def _same_file(a, b):
+    """True when paths ``a`` and ``b`` name one file: the same real path (links, ``..``), or, both
+    existing, the same inode (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def refuse_overwriting_inputs(src, dst, clip_out=None):
+    """Raise :class:`ConversionError` when an output would replace SRC or the other output."""
+    if _same_file(src, dst):
+        raise ConversionError(f'DST {dst} is the same file as SRC {src}: converting would replace the checkpoint '
+                              'you convert from; choose another DST')
+    if clip_out and _same_file(src, clip_out):
+        raise ConversionError(f'--clip-out {clip_out} is the same file as SRC {src}: it would replace the checkpoint '
+                              'you convert from; choose another path')
+    if clip_out and _same_file(dst, clip_out):
+        raise ConversionError(f'--clip-out {clip_out} is the same file as DST {dst}: the adapters would replace the '
+                              'network weights; choose two different paths')
+
+
 def convert(src, dst, arch=None, arch_opts=None, clip_out=None, trust_pickle=False, log=print):
     """Convert ``src`` to a BasicSR ``{'params': ...}`` file ``dst``; see the module docstring.
 
     Returns ``(arch, kwargs)``. Raises :class:`ConversionError` / :class:`CheckpointError`
     (nothing written) when the conversion is refused.
     """
+    refuse_overwriting_inputs(src, dst, clip_out)
     ckpt = load_published_state_dict(src, trust_pickle=trust_pickle)
     if not ckpt.params:
         raise ConversionError(f'{src}: holds no network weights (format {ckpt.source_format!r}, '
