@@ -467,3 +467,13 @@ def test_rain100l_numbered_files_without_a_partner_are_named(prep, tmp_path):
     assert len(items) == 1
     assert problems == [f'{tmp_path}/rain-2.png: no matching clean image (expected norain-2.* under {tmp_path})',
                         f'{tmp_path}/norain-3.png: no matching rainy image (expected rain-3.* under {tmp_path})']
+
+
+def test_vlunet_prepare_is_the_module_and_the_script_wraps_it():
+    import importlib
+    with open(os.path.join(REPO, 'setup.py')) as f:
+        entries = re.findall(r"'vlunet-prepare=([\w.]+):(\w+)'", f.read())
+    assert entries == [('vlunet.data.prepare', 'main')]
+    assert getattr(importlib.import_module(entries[0][0]), entries[0][1]) is prepare.main
+    with open(SCRIPT) as f:
+        assert 'from vlunet.data.prepare import main' in f.read()
