@@ -122,6 +122,28 @@ class DropPath(nn.Module):
         return f'drop_prob={self.drop_prob}'
 
 
+def _pointwise(conv, x, dtype=None):
+    """A 1x1 ``nn.Conv1d``/``nn.Conv2d`` applied to every pixel of a (B, C, H, W) map (rows of pixels),
+    its weights cast to ``dtype`` if given."""
+    weight, bias = _flat(conv.weight), conv.bias
+    if dtype is not None:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    return linear_map(x, weight, bias)
+
+
+def _gelu(x):
+    """Exact GELU of a tensor the caller owns: in place when no gradient is recorded through it (inference
+    then keeps one full-size map fewer), else out of place."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return F.gelu(x)
+    return torch.ops.aten.gelu.out(x, out=x)
+
+
+def _linear(linear, x):
+    """``linear`` applied to x, its weights cast to x's dtype."""
+    return F.linear(x, linear.weight.to(x.dtype), linear.bias.to(x.dtype))
+
+
 class GatedCNNBlock(nn.Module):
     """The gated branch (published ``GatedCNNBlock`` with its hard-coded settings: expansion 8/3,
     dynamic 7x7 kernels on all c channels, BatchNorm, GELU, DropPath 0.1); see the module docstring."""
@@ -143,30 +165,20 @@ class GatedCNNBlock(nn.Module):
 
     def dynamic_conv(self, k):
         """Each sample's k (B, c, H, W) convolved with its own c depthwise kernels (from its mean)."""
-        b, c, h, w = k.shape
-        kernels = self.kernel_generator(k).reshape(b * c, 1, self.kernel_size, self.kernel_size)
-        out = F.conv2d(k.reshape(1, b * c, h, w), kernels, padding=self.kernel_size // 2, groups=b * c)
-        return out.reshape(b, c, h, w)
+        b, c = k.shape[:2]
+        _, first, act, second = self.kernel_generator  # (pool, conv, GELU, conv)
+        code = act(F.linear(k.mean((2, 3)), _flat(first.weight)))  # the pool and 1x1 convs on (B, c) vectors
+        kernels = F.linear(code, _flat(second.weight)).reshape(b, c, 1, self.kernel_size, self.kernel_size)
+        # one depthwise convolution per sample, on the channels_last map (the published code runs one grouped
+        # convolution of B*c groups on the batch folded into channels: the same sums)
+        return torch.cat([F.conv2d(k[j:j + 1], kernels[j], padding=self.kernel_size // 2, groups=c)
+                          for j in range(b)])
 
     def forward(self, x):
         hidden, c = self.hidden, self.channels
-        p, i, k = torch.split(self.gic1(self.norm(x)), (hidden, hidden - c, c), dim=1)
-        y = self.gic2(F.gelu(p / self.temperature) * torch.cat([i, self.dynamic_conv(k)], 1))
-        return self.proj_out(x + self.drop_path(y))
-
-
-def _pointwise(conv, x, dtype=None):
-    """A 1x1 ``nn.Conv1d``/``nn.Conv2d`` applied to every pixel of a (B, C, H, W) map (rows of pixels),
-    its weights cast to ``dtype`` if given."""
-    weight, bias = _flat(conv.weight), conv.bias
-    if dtype is not None:
-        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-    return linear_map(x, weight, bias)
-
-
-def _linear(linear, x):
-    """``linear`` applied to x, its weights cast to x's dtype."""
-    return F.linear(x, linear.weight.to(x.dtype), linear.bias.to(x.dtype))
+        p, i, k = torch.split(_pointwise(self.gic1, self.norm(x)), (hidden, hidden - c, c), dim=1)
+        y = _pointwise(self.gic2, _gelu(p / self.temperature) * torch.cat([i, self.dynamic_conv(k)], 1))
+        return _pointwise(self.proj_out, x + self.drop_path(y))
 
 
 class DecomposedAttention(nn.Module):
@@ -199,7 +211,7 @@ class DecomposedAttention(nn.Module):
 
     def attend(self, x):
         """MDTA's channel attention of the first third, without an output projection."""
-        qkv = self.qkv(x)
+        qkv = _pointwise(self.qkv, x)
         if not use_fused(qkv):
             q, k, v = self.qkv_dwconv(qkv).chunk(3, dim=1)
             return channel_attention(q, k, v, self.temperature, self.num_heads)
@@ -212,7 +224,7 @@ class DecomposedAttention(nn.Module):
         a, g = self.dim_attn, self.dim_gated
         att = self.attend(x[:, :a])
         gated = self.gatedcnn(x[:, a:a + g])
-        mlp = _pointwise(self.mlp[2], F.gelu(_pointwise(self.mlp[0], x[:, a + g:])))
+        mlp = _pointwise(self.mlp[2], _gelu(_pointwise(self.mlp[0], x[:, a + g:])))
         fused = torch.cat([att + self.alpha_att * torch.sigmoid(gated + mlp),
                            gated + self.alpha_gated * torch.sigmoid(att + mlp),
                            mlp + self.alpha_mlp * torch.sigmoid(att + gated)], 1)
@@ -241,7 +253,7 @@ class GeluFeedForward(FeedForward):
             src = NormLinear.apply(x, norm.body.weight, norm.body.bias, w_in, b_in)
         else:
             src = linear_map(x if norm is None else norm(x), w_in, b_in)
-        return GatedLinear.apply(F.gelu(src), _pad_out_channels(self.dwconv.weight, pad),
+        return GatedLinear.apply(_gelu(src), _pad_out_channels(self.dwconv.weight, pad),
                                  _pad_out_channels(self.dwconv.bias, pad), _flat(self.project_out.weight),
                                  self.project_out.bias, residual, hidden)
 
