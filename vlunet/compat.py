@@ -144,6 +144,32 @@ def fix_force_yml_seed():
     _wrap_parse_options('_vlunet_seeded', make_wrapper)
 
 
+def fix_force_yml_numbers():
+    """Symptom: ``--force_yml train:optim_g:lr=1e10`` (also ``=2e-4``, ``=-1``) sets the string
+    ``'1e10'``, and training fails on it only after the experiment folder was made.
+
+    BasicSR's ``_postprocess_yml_value`` knows digits and ``x.y`` only. Read every number Python
+    reads (signs, exponents): whole numbers as int, the rest as float; other values as before.
+    """
+    import re
+
+    from basicsr.utils import options
+    original = options._postprocess_yml_value
+    if getattr(original, '_vlunet_wrapped', False):
+        return
+    number = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')
+
+    def _postprocess_yml_value(value):
+        result = original(value)
+        if isinstance(result, str) and number.fullmatch(result.strip()):
+            text = result.strip()
+            return int(text) if re.fullmatch(r'[+-]?\d+', text) else float(text)
+        return result
+
+    _postprocess_yml_value._vlunet_wrapped = True
+    options._postprocess_yml_value = _postprocess_yml_value
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. distributed training on CPU (gloo) and GPU (nccl), LOCAL_RANK respected
 # ---------------------------------------------------------------------------------------------
@@ -575,6 +601,7 @@ def apply():
     fix_unsafe_yaml()
     fix_local_rank_argument()
     fix_force_yml_seed()
+    fix_force_yml_numbers()
     fix_distributed_init()
     fix_slurm_init()
     fix_ddp_device_ids()
