@@ -213,3 +213,15 @@ def test_app_command_names_what_is_missing_or_unreadable(tmp_path):
     proc = run_cli(['-m', 'vlunet.app', '-opt', opt, '--model', str(garbage), '--port', '0'], tmp_path)
     assert proc.returncode == 2 and 'garbage.pth' in proc.stderr and 'not a PyTorch checkpoint' in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+    # a checkpoint that needs unpickling: the refusal names --trust-pickle, and the page takes that flag
+    import argparse
+
+    from basicsr.archs import build_network
+    pickled = tmp_path / 'pickled.pth'
+    torch.save({'params': build_network(dict(DGUNET)).state_dict(), 'args': argparse.Namespace(lr=1)}, pickled)
+    proc = run_cli(['-m', 'vlunet.app', '-opt', opt, '--model', str(pickled), '--port', '0'], tmp_path)
+    assert proc.returncode == 2 and '--trust-pickle' in proc.stderr and 'Traceback' not in proc.stderr
+    proc = run_cli(['-m', 'vlunet.app', '-opt', opt, '--trust-pickle', '--allowed-host', 'lab.example',
+                    '--max-pixels', '-1'], tmp_path)  # parsed, then refused for the limit: the flags exist
+    assert proc.returncode == 2 and '--max-pixels must be >= 0' in proc.stderr

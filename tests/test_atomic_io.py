@@ -279,3 +279,31 @@ def test_each_unreadable_image_has_one_named_reason(tmp_path, monkeypatch):
     with pytest.raises(ImageReadError) as err:
         decode_image(float_tif, 'float.tif')
     assert err.value.reason == 'unsupported pixel type float32'
+
+
+def test_the_datasets_share_the_pixel_limit_checked_from_the_header(tmp_path):
+    import vlunet  # noqa: F401
+    from basicsr.data import build_dataset
+    from test_app import _png_header_only
+    from vlunet.data.all_in_one_dataset import DatasetError
+    from vlunet.utils.image_io import DEFAULT_MAX_PIXELS
+    assert DEFAULT_MAX_PIXELS == 2048 * 2048
+    clean = tmp_path / 'clean'
+    clean.mkdir()
+    cv2.imwrite(str(clean / 'a.png'), np.full((24, 24, 3), 100, np.uint8))
+    (clean / 'huge.png').write_bytes(_png_header_only(16000, 16000))  # 16000 x 16000 in its header only
+    source = {'name': 'noise', 'label': 0, 'dataroot_gt': str(clean), 'degradation': {'type': 'gaussian_noise'}}
+
+    def dataset(**options):
+        return build_dataset({'name': 'val_set', 'type': 'AllInOneDataset', 'phase': 'val', 'sources': [source],
+                              **options})
+    with pytest.raises(DatasetError) as err:
+        dataset()[1]
+    message = str(err.value)
+    assert 'huge.png: the image is 16000x16000 (256.0 megapixels), above the limit of 4.2 megapixels' in message
+    assert 'max_pixels' in message and 'val_set' in message
+    assert [item['gt_path'] for item in dataset(skip_unreadable=True)] == [str(clean / 'a.png')]
+    with pytest.raises(DatasetError, match='huge.png: cannot decode the image: truncated or corrupt PNG'):
+        dataset(max_pixels=0)[1]  # no limit: it is decoded (and found to hold one row only)
+    with pytest.raises(DatasetError, match=r'val_set.max_pixels: expected a whole number >= 0'):
+        dataset(max_pixels='big')
