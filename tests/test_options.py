@@ -236,15 +236,24 @@ def test_all_methods_share_one_cdd11_protocol():
         assert opt.get('network_clip') == opts[method].get('network_clip'), method
 
 
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', sorted({os.path.basename(p)[:-len('_CDD11.yml')] for p in glob.glob(
+    os.path.join(REPO, 'options', 'train', '*_CDD11.yml'))} - {'CLIPAdapter'}))
 def test_full_size_cdd11_networks_build(method):
+    from vlunet.archs.card import find_variant
     opt = _load(os.path.join(REPO, 'options', 'train', f'{method}_CDD11.yml'))
     with torch.device('meta'):
         net = build_network(dict(opt['network_g']))
     params = sum(p.numel() for p in net.parameters())
-    assert params > 10_000_000, f'{method}_CDD11: {params} parameters is not the full-size model'
-    if method in PUBLISHED_PARAMS:
-        assert params == PUBLISHED_PARAMS[method], f'{method}_CDD11: {params} parameters'
+    card, variant = find_variant(method)
+    assert opt['network_g']['type'] == card.arch
+    if all(opt['network_g'].get(k) == v for k, v in variant.kwargs.items()) and variant.params:
+        assert params == variant.params, f'{method}_CDD11: {params} parameters, published {variant.params}'
+    else:  # VLU-Net: 11 prompt components instead of the released 5 or 7
+        assert params > 10_000_000, f'{method}_CDD11: {params} parameters is not the full-size model'
+    for term in card.training_terms:  # a method's own training terms at their published weight
+        if term.key in opt['train']:
+            assert opt['train'][term.key]['type'] == term.loss, term.key
+            assert opt['train'][term.key].get('loss_weight') == term.published.get('loss_weight'), term.key
     prompts = [s['prompt'] for s in opt['datasets']['train']['sources']]
     assert len(set(prompts)) == len(CDD11_TYPES)
     if method == 'VLUNet':  # one prompt component per type; the CLIP stage of this setting has the same prompts
