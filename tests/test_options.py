@@ -12,22 +12,15 @@ from basicsr.utils.options import ordered_yaml
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, MODEL_REGISTRY
 
 from conftest import REPO
-from vlunet.archs.moceir_arch import RELEASED_CONFIGS
+from vlunet.archs.card import find_variant, list_variants
+from vlunet.archs.conditioning import DEGRADATION_EMBEDDING, TEXT_EMBEDDING
 
-METHODS = ('VLUNet', 'PromptIR', 'Restormer', 'DGUNet', 'AdaIR', 'MoCEIR_S', 'MoCEIR', 'DFPIR')
+# every released configuration with option files, by its option stem (read from the method cards)
+METHODS = tuple(dict.fromkeys(v.options for _, v in list_variants() if v.options))
 SETTINGS = ('NHR', 'NHRBL')
-# A method's own auxiliary losses are part of the method, not of the protocol: the shared-protocol check
-# compares `train` without these keys (MoCE-IR's published balance loss lives in train.balance_opt).
-METHOD_LOSS_KEYS = ('balance_opt', 'fft_opt')
-# full-size parameter counts of the published networks (../shared/reference/README.md, "Peers of the leaderboard")
-PUBLISHED_PARAMS = {'AdaIR': 28_784_824, 'MoCEIR_S': 11_477_752, 'MoCEIR': 25_353_796, 'DFPIR': 31_104_761}
-RELEASED = {'MoCEIR_S': 'MoCE-IR-S', 'MoCEIR': 'MoCE-IR'}
-# DFPIR's published prompt of each of our training sources (row k of text_embedding.prompts = label k)
-DFPIR_PROMPTS = {'noise15': 'Gaussian noise with a standard deviation of 15',
-                 'noise25': 'Gaussian noise with a standard deviation of 25',
-                 'noise50': 'Gaussian noise with a standard deviation of 50',
-                 'rain': 'Rain degradation with rain lines', 'haze': 'Hazy degradation with normal haze',
-                 'blur': 'Blur degradation with motion blur', 'lowlight': 'Lowlight degradation'}
+# A method's own training terms are part of the method, not of the protocol: the shared-protocol check
+# compares `train` without these keys (e.g. MoCE-IR's balance loss in train.balance_opt).
+METHOD_LOSS_KEYS = tuple(sorted({t.key for card, _ in list_variants() for t in card.training_terms} | {'fft_opt'}))
 
 
 def _load(path):
@@ -37,7 +30,7 @@ def _load(path):
 
 def test_every_option_file_parses_and_names_registered_types():
     files = sorted(glob.glob(os.path.join(REPO, 'options', '*', '*.yml')))
-    assert len(files) >= 2 * 8 + 2
+    assert len(files) >= 2 * len(METHODS) + 2
     for path in files:
         opt = _load(path)
         assert opt['model_type'] in MODEL_REGISTRY, path
@@ -126,25 +119,23 @@ def test_full_size_networks_build(method, setting):
         net = build_network(dict(opt['network_g']))
     params = sum(p.numel() for p in net.parameters())
     assert params > 10_000_000, f'{method}_{setting}: {params} parameters is not the full-size model'
-    if method == 'VLUNet':
-        n_prompts = {'NHR': 5, 'NHRBL': 7}[setting]
-        assert opt['network_g']['de_dim'] == n_prompts
+    card, _ = find_variant(method)
+    variant = next(v for v in card.variants if v.options == method and v.released_for(setting))
+    assert {k: opt['network_g'][k] for k in variant.kwargs} == dict(variant.kwargs), f'{method}_{setting}'
+    if variant.params is not None:
+        assert params == variant.params, f'{method}_{setting}: {params} parameters'
+    # the method's own training terms with their published options, and no other method's
+    assert {k for k in opt['train'] if k in METHOD_LOSS_KEYS} == {t.key for t in card.training_terms}, method
+    for term in card.training_terms:
+        assert opt['train'][term.key] == {'type': term.loss, **dict(term.published)}, (method, term.key)
+    labels = {s['label']: s['name'] for s in opt['datasets']['train']['sources']}  # distinct labels
+    if card.condition == DEGRADATION_EMBEDDING:  # one CLIP prompt and one D-GDM component per label
+        assert opt['network_g']['de_dim'] == len(labels)
         assert opt['network_clip']['prompts'] == setting
-        assert params == {5: 34_364_852, 7: 35_353_028}[n_prompts]
-    if method in PUBLISHED_PARAMS:
-        assert params == PUBLISHED_PARAMS[method], f'{method}_{setting}: {params} parameters'
-    if method in RELEASED:  # the released MoCE-IR settings, and the published balance loss without FFT loss
-        released = RELEASED_CONFIGS[RELEASED[method]]
-        assert {k: opt['network_g'][k] for k in released} == released
-        assert opt['train']['balance_opt'] == {'type': 'BalanceLoss', 'loss_weight': 0.01}
-        assert 'fft_opt' not in opt['train']
-    else:
-        assert not set(METHOD_LOSS_KEYS) & set(opt['train']), method
-    if method == 'DFPIR':  # one published prompt per label, listed in the order of our labels
+    if card.condition == TEXT_EMBEDDING:  # one published prompt per label, listed in the order of our labels
         text = opt['text_embedding']
-        labels = {s['label']: s['name'] for s in opt['datasets']['train']['sources']}  # distinct labels
         assert sorted(labels) == list(range(len(labels))) and len(text['prompts']) == len(labels)
-        assert text['prompts'] == [DFPIR_PROMPTS[labels[k]] for k in range(len(labels))]
+        assert text['prompts'] == [card.task_prompts[labels[k]] for k in range(len(labels))]
         assert (text['clip_model'], text['pretrained'], text['mode']) == ('ViT-B-32', 'openai', 'oracle')
         assert text['cache'].startswith(f'experiments/{method}_{setting}/')
     else:
@@ -217,8 +208,8 @@ def test_all_methods_share_one_cdd11_protocol():
             nhr = _load(nhr)
             assert {k: v for k, v in opt['network_g'].items() if k != 'de_dim'} == \
                 {k: v for k, v in nhr['network_g'].items() if k != 'de_dim'}, method
-            assert {k: v for k, v in opt['train'].items() if k in own} == \
-                {k: v for k, v in nhr['train'].items() if k in own}, method
+            terms = {k: (v['type'], v.get('loss_weight')) for k, v in opt['train'].items() if k in own}
+            assert terms == {k: (v['type'], v.get('loss_weight')) for k, v in nhr['train'].items() if k in own}, method
     # the published CDD-11 run of MoCE-IR in iterations: 15 warm-up epochs, cosine over 150 epochs, 120 trained
     train = reference['train']
     sched = train['scheduler']
