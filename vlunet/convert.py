@@ -172,7 +172,7 @@ def convert(src, dst, arch=None, arch_opts=None, clip_out=None, trust_pickle=Fal
 
 def build_parser():
     from vlunet.archs.card import list_methods
-    formats = '\n'.join(f'  {card.name}: {"; ".join(card.checkpoint_formats)}'
+    formats = '\n'.join(f'  {card.name}: {"; ".join(f.description for f in card.checkpoint_formats)}'
                         for card in list_methods() if card.checkpoint_formats)
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,

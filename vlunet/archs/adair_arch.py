@@ -36,7 +36,7 @@ from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import ChannelCrossAttention  # the published Chanel_Cross_Attention
-from vlunet.archs.card import MethodCard, PublishedResults, ReferenceCode, Variant, register_card
+from vlunet.archs.card import LIGHTNING, MethodCard, PublishedResults, ReferenceCode, Variant, register_card
 from vlunet.archs.restormer_arch import Restormer, restormer_kwargs, restormer_layer_norm
 
 BAND_UNIT = 128  # the low band's half-width along an axis is at most size // BAND_UNIT frequencies
@@ -228,7 +228,7 @@ CARD = register_card(MethodCard(
     tiny=dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4], decoder=True),
     signature=('patch_embed.proj.weight', 'fre1.conv1.weight', 'fre3.rate_conv.0.weight'),
     kwargs_from_state_dict=_kwargs_from_state_dict,
-    checkpoint_formats=("Lightning .ckpt: {'state_dict': {'net.<key>': ...}}",),
+    checkpoint_formats=(LIGHTNING,),
     recipe={'epochs': '150 (options.py --epochs); shared 200',
             'schedule': 'LinearWarmupCosineAnnealingLR(warmup_epochs=15, max_epochs=180) stepped per epoch: '
                         'training stops at epoch 150 of the cosine\'s 180, still at about 1.7e-5',

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 
-from vlunet.archs.conditioning import CONDITIONS, bare_network
+from vlunet.archs.conditioning import CLIP_DIM, CONDITIONS, bare_network
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,6 +129,44 @@ class ExtraNetwork:
 
 
 @dataclass(frozen=True)
+class CheckpointFormat:
+    """A published checkpoint layout the method's authors distribute.
+
+    description: how the file looks (shown by ``vlunet-convert --help``). layout: ``f(network) -> the
+    object the authors' code would ``torch.save`` for this network`` (tests and the re-measuring of
+    released weights build files of this format with it). pickled: the file holds pickled module
+    objects (read without running their code, see :mod:`vlunet.utils.pickled_modules`).
+    """
+    description: str
+    layout: Optional[Callable[[torch.nn.Module], object]]
+    pickled: bool = False
+
+
+def state_dict_of(net):
+    return OrderedDict((k, v.detach().cpu().clone()) for k, v in net.state_dict().items())
+
+
+def lightning_layout(net, prefix='net.'):
+    """A Lightning ``.ckpt`` whose LightningModule holds the network as ``self.net``."""
+    return {'epoch': 0, 'global_step': 0, 'pytorch-lightning_version': '2.0.0',
+            'state_dict': OrderedDict((prefix + k, v) for k, v in state_dict_of(net).items())}
+
+
+def params_layout(net):
+    """BasicSR's ``{'params': state_dict}``."""
+    return {'params': state_dict_of(net)}
+
+
+def data_parallel_layout(net):
+    """``{'state_dict': {'module.<key>': ...}, 'epoch': ...}`` of a DataParallel training."""
+    return {'epoch': 1, 'state_dict': OrderedDict(('module.' + k, v) for k, v in state_dict_of(net).items())}
+
+
+LIGHTNING = CheckpointFormat("Lightning .ckpt: {'state_dict': {'net.<key>': ...}}", lightning_layout)
+PARAMS = CheckpointFormat("{'params': state_dict} (BasicSR layout)", params_layout)
+
+
+@dataclass(frozen=True)
 class ReferenceCode:
     """How the benchmarks build the authors' own class from a checkout of their repository.
 
@@ -156,7 +194,7 @@ class MethodCard:
     read_output: Callable[[torch.nn.Module, object], NetworkOutput] = staticmethod(image_output)
     signature: Tuple[str, ...] = ()
     kwargs_from_state_dict: Optional[Callable[[Mapping], dict]] = None
-    checkpoint_formats: Tuple[str, ...] = ()
+    checkpoint_formats: Tuple[CheckpointFormat, ...] = ()
     training_terms: Tuple[TrainingTerm, ...] = ()
     extra_networks: Tuple[ExtraNetwork, ...] = ()
     recipe: Mapping[str, str] = field(default_factory=dict)
@@ -168,6 +206,8 @@ class MethodCard:
     def __post_init__(self):
         if self.condition not in CONDITIONS:
             raise ValueError(f'card {self.name}: condition {self.condition!r} is not one of {CONDITIONS}')
+        formats = tuple(CheckpointFormat(f, None) if isinstance(f, str) else f for f in self.checkpoint_formats)
+        object.__setattr__(self, 'checkpoint_formats', formats)  # a plain description: a format without a layout
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f'card {self.name}: variant names repeat: {names}')
@@ -265,6 +305,15 @@ def card_for(arch) -> MethodCard:
     if not isinstance(arch, str):
         arch = (arch if isinstance(arch, type) else type(bare_network(arch))).__name__
     return _CARDS.get(arch) or generic_card(arch)
+
+
+def example_inputs(card, batch=1, height=32, width=32, dtype=torch.float32, generator=None, device='cpu'):
+    """Arguments of ``card``'s forward for a random batch (tests, benchmarks, export): the image in [0, 1)
+    and, when the network takes one, a random (B, CLIP_DIM) embedding."""
+    image = torch.rand(batch, 3, height, width, dtype=dtype, generator=generator).to(device)
+    if card.condition is None:
+        return (image,)
+    return image, torch.randn(batch, CLIP_DIM, dtype=dtype, generator=generator).to(device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from vlunet.archs import blocks as shared_blocks  # use_fused looked up at call 
 from vlunet.archs.blocks import (ChannelAttention, Downsample, FeedForward, LayerNorm, OverlapPatchEmbed, Upsample,
                                  channel_attention, crop_to, from_rows, norm_conv1x1, pad_to_multiple, to_rows,
                                  transformer_blocks)
-from vlunet.archs.card import MethodCard, PublishedResults, ReferenceCode, Variant, register_card
+from vlunet.archs.card import CheckpointFormat, MethodCard, state_dict_of, PublishedResults, ReferenceCode, Variant, register_card
 from vlunet.archs.conditioning import CLIP_DIM, TEXT_EMBEDDING
 from vlunet.archs.restormer_arch import restormer_kwargs, restormer_layer_norm
 
@@ -202,6 +202,11 @@ def _kwargs_from_state_dict(params):
     return dict(restormer_kwargs(params), LayerNorm_type=restormer_layer_norm(params))
 
 
+def _layout(net):
+    """What the published training saves for its best model (train_3D_DFPIR.py)."""
+    return {'epoch': 1, 'state_dict': state_dict_of(net), 'optimizer': {}, 'scheduler': {}}
+
+
 _SOURCE = "DFPIR's {}-task table (repository figure fig/{}D.jpg at b9ba223)"
 CARD = register_card(MethodCard(
     name='DFPIR', arch='DFPIR',
@@ -212,8 +217,8 @@ CARD = register_card(MethodCard(
     condition=TEXT_EMBEDDING,
     signature=('patch_embed.proj.weight', 'latent_shuffle_channel.linear_layer3.weight'),
     kwargs_from_state_dict=_kwargs_from_state_dict,
-    checkpoint_formats=("DFPIR .pth.tar: {'epoch', 'state_dict', 'optimizer', 'scheduler'} (the files written for "
-                        'evaluations that were not the best so far are empty)',),
+    checkpoint_formats=(CheckpointFormat("DFPIR .pth.tar: {'epoch', 'state_dict', 'optimizer', 'scheduler'} (the files "
+                                         'written for evaluations that were not the best so far are empty)', _layout),),
     task_prompts={'noise15': 'Gaussian noise with a standard deviation of 15',
                   'noise25': 'Gaussian noise with a standard deviation of 25',
                   'noise50': 'Gaussian noise with a standard deviation of 50',

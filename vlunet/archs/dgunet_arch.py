@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from vlunet.archs.card import MethodCard, PublishedResults, Variant, register_card, stage_list_output
+from vlunet.archs.card import CheckpointFormat, MethodCard, data_parallel_layout, PublishedResults, Variant, register_card, stage_list_output
 from vlunet.utils.tiling import crop_to, pad_to_multiple
 from vlunet.archs.dgunet_blocks import (SAM, GradientOperator, SubspaceMerge, UNetDecoder, UNetEncoder,
                                         check_unet_widths, conv, gradient_step, shallow_feature,
@@ -51,7 +51,7 @@ class _UnfoldingNet(nn.Module):
         # the InstanceNorm of the deepest U-Net level needs more than one pixel: at least 16 px
         padded, size = pad_to_multiple(img, SIZE_MULTIPLE, minimum=2 * SIZE_MULTIPLE)
         images = self.unfold(padded)
-        return images if padded is img else crop_to(images, size)
+        return images if padded is img else [image.contiguous() for image in crop_to(images, size)]
 
     def _check_shared_entries(self, state_dict, prefix, *args):
         # Load hook: several keys naming one shared PReLU must agree, or only the last survives.
@@ -238,7 +238,7 @@ def _dgunet_kwargs(params):
 
 
 _CODE = 'MC-E/Deep-Generalized-Unfolding-Networks-for-Image-Restoration @ bae845c2612d0df56a479020d59896441168d07a'
-_FORMAT = "DGUNet .pth: {'state_dict': {'module.<key>': ...}, 'epoch', ...}"
+_FORMAT = CheckpointFormat("DGUNet .pth: {'state_dict': {'module.<key>': ...}, 'epoch', ...}", data_parallel_layout)
 _TINY = dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4)
 DGUNET_CARD = register_card(MethodCard(
     name='DGUNet', arch='DGUNet',

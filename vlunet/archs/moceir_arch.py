@@ -29,7 +29,7 @@ from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (LN_EPS, Attention, ChannelCrossAttention, Downsample, FeedForward, LayerNorm,
                                  OverlapPatchEmbed, Upsample, crop_to, pad_to_multiple)
-from vlunet.archs.card import (MethodCard, NetworkOutput, PublishedResults, ReferenceCode, TrainingTerm, Variant,
+from vlunet.archs.card import (LIGHTNING, MethodCard, NetworkOutput, PublishedResults, ReferenceCode, TrainingTerm, Variant,
                                count_blocks, expansion_factor, register_card)
 
 # The two released models (the repository's ``src/options.py``; ``levels = len(num_blocks)``); all
@@ -579,7 +579,7 @@ CARD = register_card(MethodCard(
     read_output=_read_output,
     signature=('patch_embed.proj.weight', 'freq_embed.high_conv.0.conv.weight', 'enc.0.1.body.0.weight'),
     kwargs_from_state_dict=_kwargs_from_state_dict,
-    checkpoint_formats=("Lightning .ckpt: {'state_dict': {'net.<key>': ...}}",),
+    checkpoint_formats=(LIGHTNING,),
     training_terms=(TrainingTerm('balance_opt', 'BalanceLoss', {'loss_weight': 0.01},
                                  "0.01 x the routers' load-balancing loss (src/train.py; --balance_loss_weight)"),),
     recipe={'epochs': '120 (src/options.py --epochs); shared 200',

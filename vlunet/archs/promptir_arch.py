@@ -12,7 +12,7 @@ from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (Downsample, OverlapPatchEmbed, TransformerBlock, Upsample, crop_to, pad_to_multiple,
                                  transformer_blocks)
-from vlunet.archs.card import MethodCard, PublishedResults, ReferenceCode, Variant, register_card
+from vlunet.archs.card import LIGHTNING, MethodCard, PublishedResults, ReferenceCode, Variant, register_card
 from vlunet.archs.restormer_arch import restormer_kwargs, restormer_layer_norm
 
 
@@ -126,7 +126,7 @@ CARD = register_card(MethodCard(
     tiny=dict(dim=48, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8], decoder=True),
     signature=('patch_embed.proj.weight', 'prompt1.prompt_param', 'noise_level1.attn.qkv.weight'),
     kwargs_from_state_dict=_kwargs_from_state_dict,
-    checkpoint_formats=("Lightning .ckpt: {'state_dict': {'net.<key>': ...}}",),
+    checkpoint_formats=(LIGHTNING,),
     recipe={'epochs': '120 (options.py --epochs); shared 200',
             'schedule': 'LinearWarmupCosineAnnealingLR(warmup_epochs=15, max_epochs=150) stepped per epoch '
                         '(train.py:46): training stops at epoch 120 of the cosine\'s 150',

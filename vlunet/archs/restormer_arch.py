@@ -8,7 +8,7 @@ from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import Downsample, OverlapPatchEmbed, Upsample, crop_to, pad_to_multiple, transformer_blocks
-from vlunet.archs.card import (MethodCard, PublishedResults, Variant, count_blocks, expansion_factor, layer_norm_type,
+from vlunet.archs.card import (CheckpointFormat, MethodCard, params_layout, PublishedResults, Variant, count_blocks, expansion_factor, layer_norm_type,
                                register_card)
 
 
@@ -110,7 +110,7 @@ CARD = register_card(MethodCard(
     tiny=dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1]),
     signature=('patch_embed.proj.weight', 'encoder_level1.0.attn.qkv.weight'),
     kwargs_from_state_dict=_kwargs_from_state_dict,
-    checkpoint_formats=("Restormer .pth: {'params': state_dict} (BasicSR layout)",),
+    checkpoint_formats=(CheckpointFormat("Restormer .pth: {'params': state_dict} (BasicSR layout)", params_layout),),
     recipe={'note': 'not trained all-in-one by its authors; the all-in-one numbers are other papers\' retrainings'},
     results=(
         PublishedResults('NHR', 'Restormer', {'SOTS_outdoor': (30.43, 0.975), 'Rain100L': (36.55, 0.975),

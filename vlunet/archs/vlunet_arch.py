@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (Attention, Downsample, OverlapPatchEmbed, ProjectedAttention, Upsample, crop_to,
                                  pad_to_multiple, transformer_blocks)
-from vlunet.archs.card import MethodCard, PublishedResults, ReferenceCode, Variant, register_card
+from vlunet.archs.card import CheckpointFormat, MethodCard, lightning_layout, PublishedResults, ReferenceCode, Variant, register_card
 from vlunet.archs.conditioning import CLIP_DIM, DEGRADATION_EMBEDDING
 from vlunet.archs.restormer_arch import restormer_kwargs
 
@@ -294,9 +294,9 @@ CARD = register_card(MethodCard(
     condition=DEGRADATION_EMBEDDING, records_stages=True,
     signature=('patch_embed_i.proj.weight', 'encoder_level1.gradient_descent.prompt_param'),
     kwargs_from_state_dict=_kwargs_from_state_dict,
-    checkpoint_formats=("Lightning .ckpt: {'state_dict': {'net.<key>': ..., 'model_degradation.<CLIP>': ...}} "
-                        '(the CLIP adapters go to --clip-out)',
-                        "clip_tuned.pth: {'learnable_params': CLIP adapters} (network_clip.load_path)"),
+    checkpoint_formats=(CheckpointFormat("Lightning .ckpt: {'state_dict': {'net.<key>': ..., 'model_degradation.<CLIP>': "
+                                         "...}} (the CLIP adapters go to --clip-out; the published clip_tuned.pth "
+                                         "{'learnable_params': ...} is network_clip.load_path)", lightning_layout),),
     recipe={'note': 'the shared recipe of every setting is VLU-Net\'s: patch 128, AdamW lr 2e-4, batch 4 per GPU '
                     'on 8 GPUs, 200 epochs, 15 warm-up epochs then cosine; the CLIP adapters are trained first'},
     results=(

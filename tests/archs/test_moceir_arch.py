@@ -1,5 +1,5 @@
-"""MoCEIR: exactly the published model (float64 fixtures with the published routing noise, key
-lists, parameter counts), its balance loss, any input size, and the corrected routing options."""
+"""MoCEIR beyond the conformance suite: the published routing records (noise, logits, experts, gates)
+of the fixtures, its balance loss, the corrected routing options, other rank schedules recognised."""
 import inspect
 
 import pytest
@@ -7,10 +7,10 @@ import torch
 
 import vlunet  # noqa: F401
 from basicsr.utils.registry import ARCH_REGISTRY
-from vlunet.archs.moceir_arch import RELEASED_CONFIGS, FFTAttention
+from vlunet.archs.moceir_arch import FFTAttention
 from vlunet.archs.card import guess_arch
 
-from conftest import load_fixture, read_listing, state_dict_listing
+from conftest import load_fixture
 
 MoCEIR = ARCH_REGISTRY.get('MoCEIR')
 ALL_FIXTURES = ['MoCEIR_S_reduced.pt', 'MoCEIR_reduced.pt']
@@ -44,15 +44,6 @@ def test_published_fixture_float64(name):
         torch.testing.assert_close(mine['logits'], record['logits'], rtol=0, atol=1e-12)
         assert torch.equal(mine['top_k_indices'], record['top_k_indices'])
         torch.testing.assert_close(mine['top_k_values'], record['top_k_values'], rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize('model, listing, params', [('MoCE-IR-S', 'keys_MoCEIR_S.tsv', 11_477_752),
-                                                    ('MoCE-IR', 'keys_MoCEIR.tsv', 25_353_796)])
-def test_released_models_keys_shapes_order_and_count(model, listing, params):
-    with torch.device('meta'):
-        net = MoCEIR(**RELEASED_CONFIGS[model])
-    assert state_dict_listing(net) == read_listing(listing)
-    assert sum(p.numel() for p in net.parameters()) == params
 
 
 def test_constructor_names_and_defaults_are_the_published_ones():
@@ -170,29 +161,6 @@ def test_published_eval_routing_with_topk_2():
     net.load_state_dict(fx['state_dict'])
     torch.testing.assert_close(_forward(net, x[:1], 0), single, rtol=0, atol=1e-12)
     assert _forward(net, x, 0).shape == x.shape
-
-
-@pytest.mark.parametrize('name', ALL_FIXTURES)
-def test_guess_arch_on_fixtures(name):
-    fx = load_fixture(name)
-    arch, kwargs = guess_arch(fx['state_dict'])
-    assert arch == 'MoCEIR'
-    assert {k: kwargs[k] for k in kwargs if k in fx['config']} == {k: fx['config'][k] for k in kwargs
-                                                                   if k in fx['config']}
-    seen = {'dim', 'levels', 'num_blocks', 'num_dec_blocks', 'num_experts', 'rank_type', 'heads', 'complexity_scale'}
-    assert seen <= set(kwargs)
-    MoCEIR(**kwargs).load_state_dict(fx['state_dict'], strict=True)
-
-
-@pytest.mark.parametrize('model, listing', [('MoCE-IR-S', 'keys_MoCEIR_S.tsv'), ('MoCE-IR', 'keys_MoCEIR.tsv')])
-def test_guess_arch_on_released_listings(model, listing):
-    params = {k: torch.empty([int(s) for s in shape.strip('[]').split(',')], device='meta')
-              for k, shape in read_listing(listing)}
-    arch, kwargs = guess_arch(params)
-    assert arch == 'MoCEIR'
-    assert {k: RELEASED_CONFIGS[model][k] for k in kwargs if k in RELEASED_CONFIGS[model]} == \
-        {k: v for k, v in kwargs.items() if k in RELEASED_CONFIGS[model]}
-    assert len(kwargs) >= 10
 
 
 def test_other_rank_schedules_are_guessed():
