@@ -51,8 +51,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 
 def test_train_and_validate_on_one_lmdb(tmp_path, demo_images):
+    import vlunet  # noqa: F401  (before basicsr: its import needs vlunet's compat fixes)
     from basicsr.utils.lmdb_util import make_lmdb_from_imgs
-    import vlunet  # noqa: F401
     names = sorted(os.listdir(demo_images))
     lmdb_path = str(tmp_path / 'clean.lmdb')
     make_lmdb_from_imgs(str(demo_images), lmdb_path, names, [os.path.splitext(n)[0] for n in names])
