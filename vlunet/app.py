@@ -585,10 +585,14 @@ def build_page(restorer, title):
         detail = [before, after, compare, chart, top, stages, caption]
 
         def on_restore(paths, show_stages, use_tiles, tile_px, overlap_px):
-            tile_px = int(tile_px) if use_tiles and tile_px else None
-            overlap_px = int(overlap_px or 0)
-            paths = [p for p in paths] if isinstance(paths, (list, tuple)) else ([paths] if paths else [])
-            found, messages, seconds = restorer.run(paths, tile_px, overlap_px, bool(show_stages))
+            paths = list(paths) if isinstance(paths, (list, tuple)) else ([paths] if paths else [])
+            try:
+                tile_px = int(tile_px) if use_tiles and tile_px else None
+                overlap_px = int(overlap_px or 0)
+            except (TypeError, ValueError, OverflowError):  # what the form never sends, a script might
+                found, messages, seconds = [], ['The tile and overlap must be whole numbers of pixels.'], 0.0
+            else:
+                found, messages, seconds = restorer.run(paths, tile_px, overlap_px, bool(show_stages))
             if not paths:
                 messages = ['No file uploaded: add one or more images first.']
             choices = [(f'{i + 1}. {r.name}', i) for i, r in enumerate(found)]
