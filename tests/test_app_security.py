@@ -264,6 +264,10 @@ def test_upload_limits(app):
     status, body = client.upload([(f'f{i}.png', small) for i in range(MAX_FILES + 1)])
     assert status == 413 and b'Too many files' in body
     assert client.upload([(f'f{i}.png', small) for i in range(3)])[0] == 200
+    # a file name chosen to escape: stored inside the upload folder under its last component
+    status, stored = client.upload([('../../escape.png', small), ('/etc/cron.d/job.png', small)])
+    assert status == 200 and [os.path.basename(p) for p in stored] == ['escape.png', 'job.png']
+    assert all(os.path.realpath(p).startswith(app[2] + os.sep) for p in stored)
     # a declared size above the limit is refused before the body is read
     conn = http.client.HTTPConnection(*client.host.rsplit(':', 1), timeout=30)
     conn.putrequest('POST', '/gradio_api/upload', skip_host=True)
@@ -301,3 +305,26 @@ def test_work_limits_refuse_with_a_reason(app):
     assert 'bomb.png: the image is 16000x16000 (256.0 megapixels), above the limit of 4.2 megapixels' in out[2]
     out = client.restore([file_data(paths[2])], tiled=True, tile=128, overlap=32)  # 4 tiles: fine
     assert 'Restored 1 image' in out[2] and 'small.png: 200x150' in out[2] and 'tiles of 128 px' in out[2]
+
+
+def test_host_names_the_page_answers_to():
+    from vlunet.app import RequestGuard, allowed_host_names
+
+    def guard(host, extra=()):
+        names, any_ip = allowed_host_names(host, extra)
+        return RequestGuard(None, '/tmp', names, any_ip)
+    loopback = guard('127.0.0.1')
+    for host in ('127.0.0.1:7860', 'localhost:7860', 'LOCALHOST', '[::1]:7860'):
+        assert loopback.host_allowed(host), host
+    for host in ('evil.example:7860', '10.0.0.5:7860', 'localhost.evil.example', '127.0.0.1:80:80', '[::1', '',
+                 None, '127.0.0.1:port'):
+        assert not loopback.host_allowed(host), host
+    # every interface: any IP address, this machine's names and the ones given; never another name
+    wildcard = guard('0.0.0.0', ['lab.example.org'])
+    for host in ('10.0.0.5:7860', '[fe80::1]:7860', 'localhost', 'lab.example.org:7860'):
+        assert wildcard.host_allowed(host), host
+    assert not wildcard.host_allowed('rebind.evil.example:7860')
+    one = guard('192.168.1.20')
+    assert one.host_allowed('192.168.1.20:7860') and not one.host_allowed('192.168.1.21:7860')
+    assert not one.host_allowed('localhost:7860')
+
