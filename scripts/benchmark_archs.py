@@ -9,17 +9,18 @@ the network and inputs are built, in a fresh process; CUDA: torch.cuda.max_memor
 the memory allocated before the steps). Every measurement runs in its own subprocess, so the
 memory figures do not mix. Prints a Markdown table; ``--csv`` also writes CSV.
 
-    python scripts/benchmark_archs.py                          # all archs, CPU, 2 threads
-    python scripts/benchmark_archs.py --archs VLUNet --repeats 5 --device cuda
-    python scripts/benchmark_archs.py --archs VLUNet --reference /path/to/VLU-Net/net/Final.py
-    python scripts/benchmark_archs.py --archs AdaIR MoCEIR-S DFPIR --reference AdaIR=/src/AdaIR/net/model.py \
-        MoCEIR-S=/src/MoCE-IR/src/net/moce_ir.py DFPIR=/src/DFPIR/net/model.py
+    python scripts/benchmark_archs.py                       # every method's released configurations, CPU
+    python scripts/benchmark_archs.py --archs NAME ... --repeats 5 --device cuda
+    python scripts/benchmark_archs.py --archs NAME --reference NAME=/src/<repo>/<file>.py
+    python scripts/benchmark_archs.py --tiny --repeats 1     # the cards' tiny configurations (a smoke test)
 
-``--reference [ARCH=]FILE ...`` also times the published implementation (its source file from a
-checkout of the authors' repository; they need ``einops``) with the SAME weights and inputs, checks
-that the outputs agree within float32 rounding, and prints the speed-up and memory ratio. A bare
-FILE means VLUNet. Modules the published files import but their networks never use (OpenAI's
-``clip`` in DFPIR, ``fvcore`` in MoCE-IR) are replaced by empty stand-ins when not installed.
+The methods and their configurations come from the method cards (vlunet/archs/card.py): NAME is a
+released configuration (``Variant.name`` or its option-file stem) or a method (its first release).
+``--reference NAME=FILE ...`` also times the published implementation (its source file from a
+checkout of the authors' repository; they need ``einops``), built as the card's ``reference`` says,
+with the SAME weights and inputs, checks that the outputs agree within float32 rounding, and prints
+the speed-up and memory ratio. Modules the published files import but their networks never use
+(the card's ``reference.stubs``) are replaced by empty stand-ins when not installed.
 """
 import argparse
 import csv
@@ -31,31 +32,25 @@ import subprocess
 import sys
 import time
 
-CONFIGS = {
-    'VLUNet': {'type': 'VLUNet', 'de_dim': 5},
-    'Restormer': {'type': 'Restormer'},
-    'PromptIR': {'type': 'PromptIR', 'decoder': True},
-    'DGUNet': {'type': 'DGUNet', 'n_feat': 80, 'scale_unetfeats': 48, 'scale_orsnetfeats': 32},
-    'DGUNetPlus': {'type': 'DGUNetPlus'},
-    'AdaIR': {'type': 'AdaIR'},
-    # the released MoCE-IR models (vlunet.archs.moceir_arch.RELEASED_CONFIGS; a test checks they agree)
-    'MoCEIR-S': {'type': 'MoCEIR', 'dim': 32, 'levels': 4, 'num_blocks': [4, 6, 6, 8], 'num_dec_blocks': [2, 4, 4],
-                 'num_refinement_blocks': 4, 'heads': [1, 2, 4, 8], 'rank': 2, 'num_experts': 4, 'topk': 1,
-                 'stage_depth': [1, 1, 1], 'rank_type': 'spread', 'depth_type': 'constant', 'with_complexity': False,
-                 'complexity_scale': 'max'},
-    'MoCEIR': {'type': 'MoCEIR', 'dim': 48, 'levels': 4, 'num_blocks': [4, 6, 6, 8], 'num_dec_blocks': [2, 4, 4],
-               'num_refinement_blocks': 4, 'heads': [1, 2, 4, 8], 'rank': 2, 'num_experts': 4, 'topk': 1,
-               'stage_depth': [1, 1, 1], 'rank_type': 'spread', 'depth_type': 'constant', 'with_complexity': False,
-               'complexity_scale': 'max'},
-    'DFPIR': {'type': 'DFPIR'},
-}
+def _cards():
+    import vlunet  # noqa: F401  (fixes basicsr, registers the archs and their cards)
+    from vlunet.archs import card
+    return card
 
 
-def registered(name, configs=CONFIGS):
-    """Whether the arch of ``configs[name]`` is in BasicSR's ARCH_REGISTRY (archs being added may not be yet)."""
-    import vlunet  # noqa: F401
-    from basicsr.utils.registry import ARCH_REGISTRY
-    return name in configs and configs[name]['type'] in ARCH_REGISTRY
+def default_selection():
+    """Every released configuration with option files, and the first one of a method without any."""
+    names = []
+    for card in _cards().list_methods():
+        with_options = list({v.options: v for v in reversed(card.variants) if v.options}.values())[::-1]
+        names += [v.name for v in (with_options or card.variants[:1])]
+    return names
+
+
+def network_opt(name, tiny=False):
+    """``(card, variant name, network_g options)`` of a configuration named as ``--archs`` takes it."""
+    card, variant = _cards().find_variant(name)
+    return card, variant.name, (card.tiny_opt() if tiny else card.network_opt(variant.name))
 
 
 def _proc_status_mb(field):
@@ -104,21 +99,6 @@ def _peak_memory_mb(device, baseline):
     return (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else _peak_rss_mb()) - baseline
 
 
-def _kwargs(config):
-    return {k: v for k, v in config.items() if k != 'type'}
-
-
-# arch -> (class in the published file, (args, kwargs) of its constructor from our config, modules the
-# file imports that its network never uses)
-PUBLISHED = {
-    'VLUNet': ('VLUNet', lambda c: ((c['de_dim'], ), {}), ()),
-    'AdaIR': ('AdaIR', lambda c: ((), {'decoder': True}), ()),
-    'MoCEIR-S': ('MoCEIR', lambda c: ((), _kwargs(c)), ('fvcore', 'fvcore.nn')),
-    'MoCEIR': ('MoCEIR', lambda c: ((), _kwargs(c)), ('fvcore', 'fvcore.nn')),
-    'DFPIR': ('ChannelShuffle_skip_textguaid', lambda c: ((), {'device': 'cpu'}), ('clip', )),
-}
-
-
 def _stand_in(module_name):
     """An empty module for an import the published network never uses (its names return None)."""
     import types
@@ -134,64 +114,53 @@ def _stand_in(module_name):
     return module
 
 
-def _load_published(name, path):
-    """The published class of ``name`` from its source file (its repository root on sys.path)."""
-    cls_name, _, unused = PUBLISHED[name]
+def _load_published(card, path):
+    """The published class of ``card`` from its source file (its repository root on sys.path)."""
     folder = os.path.dirname(os.path.abspath(path))
     for p in (folder, os.path.dirname(folder)):  # 'from net.arch_util import ...' and sibling imports
         if p not in sys.path:
             sys.path.insert(0, p)
-    for module_name in unused:
+    for module_name in card.reference.stubs:
         try:
             importlib.import_module(module_name)
         except ImportError:
             sys.modules[module_name] = _stand_in(module_name)
-    spec = importlib.util.spec_from_file_location(f'published_{name.replace("-", "_")}', path)
+    spec = importlib.util.spec_from_file_location(f'published_{card.arch}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return getattr(module, cls_name)
+    return getattr(module, card.reference.cls)
 
 
-def _build(name, reference=None, configs=CONFIGS, **overrides):
+def _build(name, reference=None, tiny=False):
     import torch
-
-    import vlunet  # noqa: F401
+    card, _, opt = network_opt(name, tiny)  # imports vlunet (which fixes basicsr) first
     from basicsr.archs import build_network
     torch.manual_seed(0)
-    ours = build_network(dict(configs[name], **overrides))
+    ours = build_network(dict(opt))
     if reference is None:
-        return ours
-    args, kwargs = PUBLISHED[name][1](configs[name])
-    published = _load_published(name, reference)(*args, **kwargs)
+        return card, ours
+    args, kwargs = card.reference.kwargs({k: v for k, v in opt.items() if k != 'type'})
+    published = _load_published(card, reference)(*args, **kwargs)
     published.load_state_dict(ours.state_dict(), strict=True)
-    return published
-
-
-def _inputs(name, batch, size, device, configs=CONFIGS):
-    """(target, forward arguments): the image, plus a (B, CLIP_DIM) embedding for conditioned archs."""
-    import torch
-
-    import vlunet  # noqa: F401
-    from vlunet.archs.conditioning import CLIP_DIM, condition_of
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(batch, 3, size, size, generator=g).to(device)
-    if condition_of(configs[name]) is not None:
-        return x, (x, torch.randn(batch, CLIP_DIM, generator=g).to(device))
-    return x, (x, )
+    return card, published
 
 
 def _first(out):
+    """The image of a forward's result (ours or the published one: a tensor, or a tuple/list led by the image)."""
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
 def measure(name, what, device, threads, repeats, reference=None, channels_last=False, checkpointing=False,
-            save_output=None):
+            save_output=None, tiny=False):
     """One measurement in this process; returns a dict (run in a fresh subprocess by main)."""
     import gc
 
     import torch
     torch.set_num_threads(threads)
-    net = _build(name, reference).to(device)
+    card, net = _build(name, reference, tiny)
+    net = net.to(device)
+    size = 32 if tiny else 256
+    g = torch.Generator().manual_seed(1)
     if checkpointing and hasattr(net, 'refinement'):
         for m in net.modules():
             if hasattr(m, 'use_checkpoint'):
@@ -202,7 +171,7 @@ def measure(name, what, device, threads, repeats, reference=None, channels_last=
     result = {'arch': name, 'impl': 'published' if reference else 'vlunet'}
     if what == 'forward':
         net.eval()
-        _, args = _inputs(name, 1, 256, device)
+        args = _cards().example_inputs(card, 1, size, size, generator=g, device=device)
         with torch.no_grad():
             torch.manual_seed(2)  # the same draws for both implementations (MoCE-IR's routing noise)
             out = _first(net(*args))
@@ -218,7 +187,8 @@ def measure(name, what, device, threads, repeats, reference=None, channels_last=
             torch.save(out.detach().cpu(), save_output)
     else:
         net.train()
-        target, args = _inputs(name, 2, 128, device)
+        args = _cards().example_inputs(card, 2, size // 2, size // 2, generator=g, device=device)
+        target = torch.rand_like(args[0])
         gc.collect()
         baseline = _start_peak_memory(device)
         times, cpu_times = [], []
@@ -239,15 +209,15 @@ def measure(name, what, device, threads, repeats, reference=None, channels_last=
     return result
 
 
-def static_figures(name):
+def static_figures(name, tiny=False):
     import torch
+    _, _, opt = network_opt(name, tiny)  # imports vlunet (which fixes basicsr) first
+    from basicsr.archs import build_network
 
     from vlunet.compare import count_gmacs
-    import vlunet  # noqa: F401
-    from basicsr.archs import build_network
     with torch.device('meta'):
-        params = sum(p.numel() for p in build_network(dict(CONFIGS[name])).parameters())
-    return {'params_M': params / 1e6, 'gmacs_256': count_gmacs(CONFIGS[name])}
+        params = sum(p.numel() for p in build_network(dict(opt)).parameters())
+    return {'params_M': params / 1e6, 'gmacs_256': count_gmacs(opt)}
 
 
 def _subprocess(args, script=__file__, timeout=None):
@@ -261,14 +231,16 @@ def _subprocess(args, script=__file__, timeout=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--archs', nargs='+', default=list(CONFIGS))
+    parser.add_argument('--archs', nargs='+', default=None, metavar='NAME',
+                        help='released configurations or methods (default: every method card\'s releases)')
+    parser.add_argument('--tiny', action='store_true', help="the cards' tiny configurations at 32x32 (smoke test)")
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--checkpointing', action='store_true', help='activation checkpointing (VLUNet)')
-    parser.add_argument('--reference', nargs='+', default=[], metavar='[ARCH=]FILE',
-                        help='published source files timed side by side (a bare FILE is VLUNet\'s net/Final.py); '
-                        f'ARCH one of {", ".join(PUBLISHED)}')
+    parser.add_argument('--reference', nargs='+', default=[], metavar='NAME=FILE',
+                        help='published source files timed side by side with the same weights (NAME as in --archs; '
+                        'the method\'s card must say how to build its published class)')
     args = parse_with_child(parser, argv, measure)
     if args is None:
         return 0
@@ -277,40 +249,46 @@ def main(argv=None):
 
     import torch
 
+    names = args.archs or default_selection()
+    for name in names:
+        try:
+            network_opt(name)
+        except KeyError as err:
+            parser.error(f'--archs {name}: {err.args[0]}')
     references = {}
     for item in args.reference:
-        arch, sep, path = item.rpartition('=')
-        arch = arch if sep else 'VLUNet'
-        if arch not in PUBLISHED or not os.path.isfile(path):
-            parser.error(f'--reference {item}: expected ARCH=FILE with ARCH one of {", ".join(PUBLISHED)} and an '
-                         'existing published source file')
-        references[arch] = path
+        name, sep, path = item.rpartition('=')
+        card = _cards().find_variant(name)[0] if sep else None
+        if card is None or card.reference is None or not os.path.isfile(path):
+            parser.error(f'--reference {item}: expected NAME=FILE with NAME a configuration whose card names its '
+                         'published class, and an existing published source file')
+        references[_cards().find_variant(name)[1].name] = path
     tmp = tempfile.mkdtemp(prefix='vlunet-bench-')
     rows = []
-    for name in args.archs:
-        if not registered(name):
-            print(f'skipping {name}: not a registered restoration arch', file=sys.stderr)
-            continue
+    for query in names:
+        _, name, _ = network_opt(query)
         impls = [None] + ([references[name]] if name in references else [])
-        static = static_figures(name)
+        static = static_figures(name, args.tiny)
         for reference in impls:
             common = dict(name=name, device=args.device, threads=args.threads, repeats=args.repeats,
-                          reference=reference, channels_last=args.channels_last,
+                          reference=reference, channels_last=args.channels_last, tiny=args.tiny,
                           checkpointing=args.checkpointing and reference is None)
             label = f'{name} ({"published" if reference else "vlunet"})'
-            print(f'[{label}] forward 1x3x256x256 ...', file=sys.stderr, flush=True)
+            print(f'[{label}] forward ...', file=sys.stderr, flush=True)
             out_path = os.path.join(tmp, f'{name}-{"published" if reference else "ours"}.pt')
             fwd = _subprocess(dict(common, what='forward', save_output=out_path))
-            print(f'[{label}] forward+backward 2x3x128x128 ...', file=sys.stderr, flush=True)
+            print(f'[{label}] forward+backward ...', file=sys.stderr, flush=True)
             step = _subprocess(dict(common, what='train'))
             rows.append({'arch': label, **static, 'forward_s': fwd['forward_s'], 'train_step_s': step['train_step_s'],
                          'train_step_best_s': step['train_step_best_s'], 'train_step_cpu_s': step['train_step_cpu_s'],
                          'peak_mb': step['peak_mb'], 'output': out_path})
 
     unit = f'{args.threads} CPU threads' if args.device == 'cpu' else args.device
-    print(f'\n{unit}; median of {args.repeats} runs after warm-up; peak memory of the forward+backward step\n')
-    print('| arch | params (M) | GMACs@256 | forward 1x3x256² (s) | fwd+bwd 2x3x128² (s, best) | fwd+bwd CPU (s) '
-          '| peak mem (MB) |')
+    size = 32 if args.tiny else 256
+    print(f'\n{unit}; median of {args.repeats} runs after warm-up; peak memory of the forward+backward step'
+          f'{"; TINY configurations" if args.tiny else ""}\n')
+    print(f'| arch | params (M) | GMACs@256 | forward 1x3x{size}² (s) | fwd+bwd 2x3x{size // 2}² (s, best) '
+          '| fwd+bwd CPU (s) | peak mem (MB) |')
     print('|---|---|---|---|---|---|---|')
     for r in rows:
         print(f'| {r["arch"]} | {r["params_M"]:.2f} | {r["gmacs_256"]:.1f} | {r["forward_s"]:.2f} | '

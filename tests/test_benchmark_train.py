@@ -14,7 +14,6 @@ from conftest import REPO
 
 SCRIPTS = os.path.join(REPO, 'scripts')
 sys.path.insert(0, SCRIPTS)
-import benchmark_archs  # noqa: E402
 import benchmark_train  # noqa: E402
 
 
@@ -55,9 +54,3 @@ def test_estimated_batch_is_linear_in_the_measured_activation_memory():
     assert benchmark_train.estimate_batch(dict(row, peak_mb=5), 24) is None  # nothing measured above the state
 
 
-def test_moceir_benchmark_configs_are_the_released_models():
-    moceir = pytest.importorskip('vlunet.archs.moceir_arch')
-    for name, released in (('MoCEIR-S', 'MoCE-IR-S'), ('MoCEIR', 'MoCE-IR')):
-        config = dict(benchmark_archs.CONFIGS[name])
-        assert config.pop('type') == 'MoCEIR'
-        assert config == moceir.RELEASED_CONFIGS[released]

@@ -183,3 +183,13 @@ def test_one_training_step_with_the_methods_own_terms(card, tmp_path):
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in log.values())
     assert model.output.shape == (2, 3, 32, 32)
     assert any(not torch.equal(before[k], v) for k, v in model.net_g.state_dict().items())
+
+
+def test_every_name_of_every_card_resolves_to_it():
+    from vlunet.archs.card import find_variant
+    for card, variant in list_variants():
+        for name in filter(None, (variant.name, variant.options)):
+            found, v = find_variant(name)
+            assert found is card, (name, found.name)
+            assert v.name == variant.name or v.options == variant.options
+        assert get_card(card.name) is card and get_card(card.arch) is card

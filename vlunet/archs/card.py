@@ -267,18 +267,21 @@ def list_variants() -> List[Tuple[MethodCard, Variant]]:
 
 
 def _key(name):
-    return re.sub(r'[^a-z0-9]', '', str(name).lower())
+    return re.sub(r'[^a-z0-9]', '', str(name).lower().replace('+', 'plus'))
 
 
 def get_card(name) -> MethodCard:
     """A card by method name, arch name, alias, variant name or option stem ('MoCE-IR-S', 'MoCEIR_S',
     'moceir' ...; case, '-' and '_' ignored). KeyError names the known methods."""
     wanted = _key(name)
-    for card in _CARDS.values():
-        names = [card.name, card.arch, *card.aliases] + [n for v in card.variants for n in (v.name, v.options)]
-        if wanted in {_key(n) for n in names}:
-            return card
-    raise KeyError(f'no method card for {name!r} (known: {", ".join(c.name for c in _CARDS.values())})')
+    found = [card for card in _CARDS.values()
+             if wanted in {_key(n) for n in [card.name, card.arch, *card.aliases]
+                           + [n for v in card.variants for n in (v.name, v.options) if n]}]
+    if len(found) > 1:
+        raise KeyError(f'{name!r} names several methods: {", ".join(c.name for c in found)}')
+    if not found:
+        raise KeyError(f'no method card for {name!r} (known: {", ".join(c.name for c in _CARDS.values())})')
+    return found[0]
 
 
 def find_variant(name) -> Tuple[MethodCard, Variant]:
