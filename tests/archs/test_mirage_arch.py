@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import vlunet  # noqa: F401
 from basicsr.losses import build_loss
 from basicsr.utils.registry import ARCH_REGISTRY
-from vlunet.archs.mirage_arch import CARD, DropPath
+from vlunet.archs.mirage_arch import CARD, DropPath, per_sample_depthwise
 
 from conftest import load_fixture
 
@@ -204,3 +204,14 @@ def test_invalid_configurations_are_refused():
         MIRAGE(dim=8, heads=[2, 1, 1, 1])  # 2 heads divide the level-1 third (2) but not the 2dim one (5)
     with pytest.raises(ValueError, match='out_channels'):
         MIRAGE(out_channels=1)
+
+
+def test_per_sample_depthwise_paths_agree():
+    x = _rand(3, 4, 9, 11).contiguous(memory_format=torch.channels_last)
+    kernels = _rand(3, 4, 1, 7, 7, seed=1) - 0.5
+    loop = per_sample_depthwise(x, kernels, per_sample=True)
+    grouped = per_sample_depthwise(x, kernels, per_sample=False)  # the published grouped convolution (GPU path)
+    torch.testing.assert_close(loop, grouped, rtol=0, atol=1e-13)
+    for j in range(3):  # sample j with its own kernels only
+        torch.testing.assert_close(loop[j:j + 1], F.conv2d(x[j:j + 1], kernels[j], padding=3, groups=4), rtol=0,
+                                   atol=1e-13)

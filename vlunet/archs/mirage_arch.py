@@ -144,6 +144,20 @@ def _linear(linear, x):
     return F.linear(x, linear.weight.to(x.dtype), linear.bias.to(x.dtype))
 
 
+def per_sample_depthwise(x, kernels, per_sample=True):
+    """Depthwise convolution of each sample of x (B, c, H, W) with its own kernels (B, c, 1, k, k), 'same'
+    padding. ``per_sample``: one convolution per sample on the (channels_last) map, faster on CPU; else,
+    as published, one grouped convolution of B*c groups with the batch folded into the channels (one
+    kernel launch, for GPUs). Both compute the same sums."""
+    b, c, h, w = x.shape
+    pad = kernels.shape[-1] // 2
+    if per_sample:
+        return torch.cat([F.conv2d(x[j:j + 1], kernels[j], padding=pad, groups=c) for j in range(b)])
+    out = F.conv2d(x.reshape(1, b * c, h, w), kernels.reshape(b * c, 1, *kernels.shape[-2:]), padding=pad,
+                   groups=b * c)
+    return out.reshape(b, c, h, w)
+
+
 class GatedCNNBlock(nn.Module):
     """The gated branch (published ``GatedCNNBlock`` with its hard-coded settings: expansion 8/3,
     dynamic 7x7 kernels on all c channels, BatchNorm, GELU, DropPath 0.1); see the module docstring."""
@@ -169,10 +183,7 @@ class GatedCNNBlock(nn.Module):
         _, first, act, second = self.kernel_generator  # (pool, conv, GELU, conv)
         code = act(F.linear(k.mean((2, 3)), _flat(first.weight)))  # the pool and 1x1 convs on (B, c) vectors
         kernels = F.linear(code, _flat(second.weight)).reshape(b, c, 1, self.kernel_size, self.kernel_size)
-        # one depthwise convolution per sample, on the channels_last map (the published code runs one grouped
-        # convolution of B*c groups on the batch folded into channels: the same sums)
-        return torch.cat([F.conv2d(k[j:j + 1], kernels[j], padding=self.kernel_size // 2, groups=c)
-                          for j in range(b)])
+        return per_sample_depthwise(k, kernels, per_sample=k.device.type == 'cpu')
 
     def forward(self, x):
         hidden, c = self.hidden, self.channels
