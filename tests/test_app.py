@@ -1,4 +1,4 @@
-"""The one restore path (``restore_image``: one CLIP embedding, one forward) and the page behind
+"""The one restore path (``RestorationEngine.restore``: one CLIP embedding, one forward) and the page behind
 ``vlunet-app`` (``Restorer``): sizes, kinds, report, stages, bad input; the command's errors.
 
 The real-browser test is tests/test_app_browser.py."""
@@ -13,13 +13,13 @@ import torch
 
 from conftest import run_cli, write_yaml
 from test_cli_restore import DGUNET, TINY_CLIP, TINY_VLUNET, model_files
-from vlunet.restore import build_model, restore_image
+from vlunet.restore import build_engine
 
 
 @pytest.fixture(scope='module')
 def vlunet_model(tmp_path_factory):
     torch.set_num_threads(1)
-    return build_model(model_files(tmp_path_factory.mktemp('vlunet'), TINY_VLUNET, TINY_CLIP), device='cpu')
+    return build_engine(model_files(tmp_path_factory.mktemp('vlunet'), TINY_VLUNET, TINY_CLIP), device='cpu')
 
 
 def _count_calls(module):
@@ -36,9 +36,9 @@ def test_one_clip_embedding_and_one_forward_give_image_report_and_stages(vlunet_
     model = vlunet_model
     rgb = _rgb(37, 29)
     net_calls, h1 = _count_calls(model.net_g)
-    clip_calls, h2 = _count_calls(model.net_clip.clip.visual)  # the CLIP image encoder
+    clip_calls, h2 = _count_calls(model.conditioner.net_clip.clip.visual)  # the CLIP image encoder
     try:
-        result = restore_image(model, rgb, stages=True)
+        result = model.restore(rgb, stages=True)
     finally:
         h1.remove()
         h2.remove()
@@ -51,8 +51,8 @@ def test_one_clip_embedding_and_one_forward_give_image_report_and_stages(vlunet_
     # the report is the CLIP classification of that image, computed from the one embedding
     lq = torch.from_numpy(rgb.transpose(2, 0, 1).copy()).unsqueeze(0)
     with torch.no_grad():
-        expected = model.net_clip.classify(lq)[0].tolist()
-        plain = model.restore(lq)[0].clamp(0, 1).permute(1, 2, 0).numpy()
+        expected = model.conditioner.net_clip.classify(lq)[0].tolist()
+        plain = model.forward(lq)[0].clamp(0, 1).permute(1, 2, 0).numpy()
     assert list(result.report) == TINY_CLIP['prompts']
     np.testing.assert_allclose(list(result.report.values()), expected, rtol=1e-5, atol=1e-6)
     assert abs(sum(result.report.values()) - 1) < 1e-5
@@ -64,13 +64,13 @@ def test_one_clip_embedding_and_one_forward_give_image_report_and_stages(vlunet_
 def test_tiles_run_one_forward_each_and_draw_no_stage_grid(vlunet_model):
     model = vlunet_model
     net_calls, h1 = _count_calls(model.net_g)
-    clip_calls, h2 = _count_calls(model.net_clip.clip.visual)
+    clip_calls, h2 = _count_calls(model.conditioner.net_clip.clip.visual)
     try:
         # 50 x 70 in tiles of 32 with overlap 8: rows start at 0, 18 and columns at 0, 24, 38
-        tiled = restore_image(model, _rgb(50, 70), tile=32, tile_overlap=8, stages=True)
+        tiled = model.restore(_rgb(50, 70), tile=32, tile_overlap=8, stages=True)
         assert (len(net_calls), len(clip_calls)) == (6, 1)
         # an image that fits in one tile is one forward: its stages are drawn
-        whole = restore_image(model, _rgb(30, 20), tile=32, tile_overlap=8, stages=True)
+        whole = model.restore(_rgb(30, 20), tile=32, tile_overlap=8, stages=True)
         assert (len(net_calls), len(clip_calls)) == (7, 2)
     finally:
         h1.remove()
@@ -81,8 +81,8 @@ def test_tiles_run_one_forward_each_and_draw_no_stage_grid(vlunet_model):
 
 
 def test_network_without_clip_restores_without_report(tmp_path):
-    model = build_model(model_files(tmp_path, DGUNET), device='cpu')
-    result = restore_image(model, _rgb(21, 34), stages=True)
+    engine = build_engine(model_files(tmp_path, DGUNET), device='cpu')
+    result = engine.restore(_rgb(21, 34), stages=True)
     assert result.image.shape == (21, 34, 3)
     assert result.report == {} and result.top_type == ''
     assert result.stage_grid is None and 'DGUNet does not record' in result.note
@@ -107,7 +107,7 @@ def test_text_conditioned_network_is_refused_with_a_message(tmp_path):
     opt = write_yaml(tmp_path / 'opt.yml', {'network_g': {'type': 'TextConditionedStub'},
                                             'path': {'pretrain_network_g': str(tmp_path / 'w.pth')}})
     with pytest.raises(ValueError, match='TextConditionedStub takes a CLIP text embedding'):
-        build_model(opt)
+        build_engine(opt)
 
 
 # ------------------------------------------------------------------------------------ the page

@@ -151,11 +151,11 @@ def test_gradio_refuses_files_it_did_not_receive_although_the_app_is_mounted(tmp
     from starlette.testclient import TestClient
 
     from vlunet.app import Restorer, make_app
-    from vlunet.restore import build_model
+    from vlunet.restore import build_engine
     monkeypatch.setenv('GRADIO_TEMP_DIR', str(tmp_path / 'uploads'))
     monkeypatch.setenv('GRADIO_ANALYTICS_ENABLED', 'False')
     cv2.imwrite(str(tmp_path / 'secret.png'), SECRET)
-    restorer = Restorer(build_model(model_files(tmp_path, DGUNET)), str(tmp_path / 'restored'))
+    restorer = Restorer(build_engine(model_files(tmp_path, DGUNET)), str(tmp_path / 'restored'))
     guard = make_app(restorer, 'test', upload_dir=str(tmp_path / 'uploads'))
     restorer.upload_dir = None  # the handler's re-check off as well: only Gradio's check is left
     with TestClient(guard.app) as client:  # guard.app: the app without the guard in front

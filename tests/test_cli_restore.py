@@ -1,6 +1,6 @@
 """vlunet-restore on images nobody tuned for: odd sizes, gray, RGBA, 16-bit, and a text file.
 
-The function behind it (``vlunet.restore.restore_image``, shared with vlunet-app) is tested
+The engine behind it (``vlunet.inference.RestorationEngine``, shared with vlunet-app) is tested
 in-process in tests/test_app.py; ``model_files`` and the tiny networks here serve both."""
 import json
 
@@ -286,5 +286,5 @@ def test_pickled_checkpoint_and_wrong_architecture_give_one_clear_reason(tmp_pat
                               capsys)
     assert status == 2
     assert 'does not fit network_g (VLUNet)' in err and 'keys missing (' in err and 'unexpected keys (' in err
-    assert 'the weights look like a DGUNet' in err
+    assert 'the weights look like DGUNet' in err
     assert len(err.strip().splitlines()) == 1 and 'WARNING' not in err

@@ -8,8 +8,8 @@ OPT is any option file ``vlunet-restore`` accepts. Without ``-opt`` the app serv
 ``options/test/VLUNet_demo.yml``) and otherwise says how to make it. Needs the ``app`` extra
 (``pip install -e ".[app]"``).
 
-Every image goes through :func:`vlunet.restore.restore_image`, the function behind
-``vlunet-restore``: one CLIP embedding and one network forward give the restored image, the
+Every image goes through the one inference engine (:class:`vlunet.inference.RestorationEngine`),
+as in ``vlunet-restore``: one CLIP embedding and one network forward give the restored image, the
 degradation report and, on request, the stage grid. The page shows the restored image at its own
 resolution beside the input, a before/after slider, the CLIP probability of each degradation
 prompt as a bar chart (models with ``network_clip``), the stage grid, the time taken, and a
@@ -57,7 +57,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from vlunet.restore import Restoration, build_model, check_tiling, restore_image, save_restored, tile_count
+from vlunet.inference import Restoration
+from vlunet.restore import build_engine, save_restored
+from vlunet.utils.tiling import check_tiling, tile_count
 from vlunet.utils.image_io import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageReadError, ImageTooLargeError,
                                    image_from_bytes, is_image_file, pixel_count, read_file)
 
@@ -116,9 +118,9 @@ class Restorer:
     Restored files are written with the one atomic writer under random names in ``folder``.
     """
 
-    def __init__(self, model, folder, max_pixels=DEFAULT_MAX_PIXELS, upload_dir=None, max_files=MAX_FILES,
+    def __init__(self, engine, folder, max_pixels=DEFAULT_MAX_PIXELS, upload_dir=None, max_files=MAX_FILES,
                  min_tile_stride=MIN_TILE_STRIDE, max_tiles=MAX_TILES):
-        self.model = model
+        self.engine = engine
         self.max_pixels = max_pixels or None
         self.folder = folder
         # None: read any path (library use); the page sets it to Gradio's upload folder
@@ -154,7 +156,7 @@ class Restorer:
             raise ImageReadError(f'{name}: {rgb.shape[1]}x{rgb.shape[0]} in tiles of {tile} px with {tile_overlap} px '
                                  f'overlap makes {n} tiles, more than this page takes per image ({self.max_tiles}); '
                                  'use larger tiles, a smaller overlap, or no tiling', 'too many tiles')
-        result = restore_image(self.model, rgb, tile, tile_overlap, stages)
+        result = self.engine.restore(rgb, tile, tile_overlap, stages)
         stem, ext = os.path.splitext(name)
         ext = ext.lower() if is_image_file(name) else '.png'
         token = secrets.token_hex(12)
@@ -725,7 +727,7 @@ def main(argv=None):
     import torch
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
-        model = build_model(opt, args.model, device, trust_pickle=args.trust_pickle)
+        engine = build_engine(opt, args.model, device, trust_pickle=args.trust_pickle)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f'error: {err.args[0] if err.args else err}', file=sys.stderr)
         return 2
@@ -741,13 +743,13 @@ def main(argv=None):
               file=sys.stderr)
         return 2
 
-    net = type(model.get_bare_model(model.net_g)).__name__
-    clip = (f'CLIP degradation report over {len(model.net_clip.prompts)} prompts' if model.net_clip is not None
+    net = engine.network_name
+    clip = (f'CLIP degradation report over {len(engine.prompts)} prompts' if engine.prompts
             else 'no CLIP encoder: no degradation report')
     weights = args.model or f'path.pretrain_network_g of {opt}'
     limit = f'images up to {pixel_count(args.max_pixels)}' if args.max_pixels else 'no pixel limit'
     title = f'Model: **{net}** ({html.escape(weights)}), {clip}; device {device}; {limit}.'
-    restorer = Restorer(model, os.path.join(temp, 'restored'), args.max_pixels, upload_dir=os.path.join(temp, 'uploads'))
+    restorer = Restorer(engine, os.path.join(temp, 'restored'), args.max_pixels, upload_dir=os.path.join(temp, 'uploads'))
     host, port = sock.getsockname()[:2]
     app = make_app(restorer, title, args.host, [*args.allowed_host, host], upload_dir=os.path.join(temp, 'uploads'))
 

@@ -16,33 +16,25 @@ and the datasets share; 0 lifts it) are refused from their header, before decodi
 ``--save-stages`` draws, per image, the intermediate restorations of each unfolding stage and the
 degradation-component weights it chose (VLU-Net).
 
-The one restore path: :func:`restore_image` (also behind ``vlunet-app``) embeds an image with
-CLIP once, runs the network once and returns the restored image, the degradation report computed
-from that same embedding and, on request, the stage grid recorded in that same forward. With
-``--tile`` the stages exist only when the image fits in one tile (one forward); an image that
-runs as several tiles gets no stage grid (a note says so) rather than a second, whole-image forward.
+Every image goes through the one inference engine (:class:`vlunet.inference.RestorationEngine`, also
+behind ``vlunet-app`` and ``vlunet-test``): CLIP embeds an image once, the network runs once and
+gives the restored image, the degradation report computed from that same embedding and, on request,
+the stage grid recorded in that same forward. With ``--tile`` the stages exist only when the image
+fits in one tile (one forward); an image that runs as several tiles gets no stage grid (a note says
+so) rather than a second, whole-image forward.
 """
 import argparse
-import contextlib
 import csv
 import errno
-import logging
-import math
 import os
 import sys
-import time
-from dataclasses import dataclass
-from typing import Optional
-
-import numpy as np
 
 from vlunet.utils.atomic import (name_too_long, remove_stale_temporaries, write_atomic, write_image_atomic,
                                  write_json_atomic)
 from vlunet.utils.image_io import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageReadError, ImageTooLargeError,
                                    is_image_file, read_image, to_original_kind)
+from vlunet.utils.tiling import MIN_TILE, check_tiling
 
-MIN_TILE = 32            # smallest --tile (pixels)
-TILE_MULTIPLE = 8        # tiles are rounded up to a multiple of this (vlunet.utils.tiling)
 REPORTS = ('report.json', 'report.csv')
 
 
@@ -61,35 +53,6 @@ def list_inputs(input_path):
     if os.path.isfile(input_path):
         return [input_path]
     raise FileNotFoundError(f'input not found: {input_path} (expected an image file or a folder)')
-
-
-def tile_count(height, width, tile, overlap):
-    """Forwards :func:`vlunet.utils.tiling.tiled_forward` makes for an image of this size."""
-    tile = int(math.ceil(tile / TILE_MULTIPLE) * TILE_MULTIPLE)
-    if height <= tile and width <= tile:
-        return 1
-    stride = tile - overlap
-
-    def n(length):
-        return 1 if length <= tile else math.ceil((length - tile) / stride) + 1
-    return n(height) * n(width)
-
-
-def check_tiling(tile, overlap, min_stride=1, names=('--tile', '--tile-overlap')):
-    """None when ``tile``/``overlap`` make valid tiles, else the reason (naming the options)."""
-    if tile is None:
-        return None
-    if tile < MIN_TILE:
-        return f'{names[0]} {tile}: expected at least {MIN_TILE} pixels'
-    if overlap < 0:
-        return f'{names[1]} {overlap}: expected 0 or more pixels'
-    if overlap >= tile:
-        return (f'{names[1]} ({overlap} px) must be smaller than {names[0]} ({tile} px): each tile advances by '
-                f'tile - overlap pixels')
-    if tile - overlap < min_stride:
-        return (f'{names[0]} {tile} with {names[1]} {overlap} advances by {tile - overlap} px per tile; at least '
-                f'{min_stride} px are needed (use a smaller overlap)')
-    return None
 
 
 def _inside(path, folder):
@@ -138,187 +101,24 @@ def earlier_results(output, names):
     return [n for n in names if os.path.lexists(os.path.join(output, n))]
 
 
-def _guess_arch(params):
-    for module in ('vlunet.archs.card', 'vlunet.utils.checkpoint'):
-        try:
-            guess = getattr(__import__(module, fromlist=['guess_arch']), 'guess_arch')
-            return guess(params)
-        except Exception:  # noqa: BLE001  (a guess only: any failure means no guess)
-            continue
-    return None
-
-
 def _short(keys, limit=3):
     keys = [k if len(k) <= 60 else k[:28] + '...' + k[-28:] for k in keys]
     return ', '.join(keys[:limit]) + (', ...' if len(keys) > limit else '')
 
 
-def describe_mismatch(network_opt, weights, trust_pickle=False):
-    """One line saying how the weights differ from ``network_opt`` (counts and examples of missing,
-    unexpected and mis-shaped keys, and which architecture the weights look like)."""
-    import copy
-
-    import torch
-    from basicsr.archs import build_network
-
-    from vlunet.utils.checkpoint import load_published_state_dict
-    params = load_published_state_dict(weights, trust_pickle=trust_pickle).params
-    with torch.device('meta'):
-        layout = {k: tuple(v.shape) for k, v in build_network(copy.deepcopy(dict(network_opt))).state_dict().items()}
-    missing = [k for k in layout if k not in params]
-    unexpected = [k for k in params if k not in layout]
-    shapes = [f'{k} {list(params[k].shape)} vs {list(layout[k])}' for k in layout
-              if k in params and tuple(params[k].shape) != layout[k]]
-    parts = []
-    if missing:
-        parts.append(f'{len(missing)} of its {len(layout)} keys missing ({_short(missing)})')
-    if unexpected:
-        parts.append(f'{len(unexpected)} unexpected keys ({_short(unexpected)})')
-    if shapes:
-        parts.append(f'{len(shapes)} shape mismatches (checkpoint vs network: {_short(shapes, 2)})')
-    guess = _guess_arch(params)
-    if guess and guess[0] != network_opt.get('type'):
-        parts.append(f'the weights look like a {guess[0]}')
-    return '; '.join(parts) or 'the keys match but loading failed'
-
-
-@contextlib.contextmanager
-def _quiet_basicsr():
-    """BasicSR's loader logs one warning per missing or unexpected key (hundreds for a wrong
-    architecture): keep its logger to errors while the model is built; the caller summarises."""
-    from basicsr.utils import get_root_logger
-    logger = get_root_logger()  # configured once here, so the level set below is not reset
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def build_model(opt_path, model_path=None, device='cpu', trust_pickle=False):
-    """A VLUNetModel (test mode) from an option file, on ``device``.
-
-    ``trust_pickle``: allow full unpickling of a checkpoint that holds more than tensors (as
-    ``path.trust_pickle: true``; only for files from a source you trust).
+def build_engine(opt_path, model_path=None, device='cpu', trust_pickle=False, precision='fp32'):
+    """The inference engine of an option file (:meth:`RestorationEngine.from_options`) for photos
+    (no known task), on ``device``.
 
     Raises FileNotFoundError / KeyError / ValueError with a message naming the option file or the
     weights file (missing, unreadable, or not fitting ``network_g``: one line saying how)."""
-    import torch
-    import yaml
-
-    import vlunet  # noqa: F401
-    from basicsr.models import build_model as basicsr_build_model
-    from basicsr.utils.options import ordered_yaml
-
-    from vlunet.archs.conditioning import TEXT_EMBEDDING, condition_of
-    if not os.path.isfile(opt_path):
-        raise FileNotFoundError(f'option file not found: {opt_path}')
+    from vlunet.inference import RestorationEngine
+    from vlunet.utils.checkpoint import CheckpointError
     try:
-        with open(opt_path) as f:
-            opt = yaml.load(f, Loader=ordered_yaml()[0])
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f'{opt_path}: cannot read the option file ({err})') from None
-    if not isinstance(opt, dict) or not isinstance(opt.get('network_g'), dict):
-        raise KeyError(f'{opt_path}: missing "network_g" (expected a vlunet train or test option file)')
-    text_opt = opt.get('text_embedding') if isinstance(opt.get('text_embedding'), dict) else {}
-    if condition_of(opt['network_g']) == TEXT_EMBEDDING and text_opt.get('mode', 'oracle') != 'blind':
-        raise ValueError(f"{opt_path}: network_g {opt['network_g'].get('type')} takes a CLIP text embedding of the "
-                         "task prompt (condition 'text_embedding'); your photos have no known task, so set "
-                         "text_embedding.mode: blind (the prompt of the type network_clip sees) in the option file.")
-    weights = model_path or (opt.get('path') or {}).get('pretrain_network_g')
-    if not weights:
-        raise KeyError(f'{opt_path}: no weights: set path.pretrain_network_g or pass --model')
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f'model weights not found: {weights}')
-    path_opt = dict(opt.get('path') or {})
-    path_opt.update(pretrain_network_g=weights, resume_state=None, results_root=None)
-    if trust_pickle:
-        path_opt['trust_pickle'] = True
-    model_opt = {
-        'name': opt.get('name', 'restore'), 'model_type': 'VLUNetModel', 'num_gpu': 0, 'dist': False,
-        'is_train': False, 'rank': 0, 'world_size': 1, 'network_g': opt['network_g'], 'path': path_opt,
-        'val': {},
-    }
-    for key in ('network_clip', 'text_embedding'):
-        if opt.get(key):
-            model_opt[key] = opt[key]
-    try:
-        with _quiet_basicsr():
-            model = basicsr_build_model(model_opt)
-    except RuntimeError as err:  # load_state_dict: missing/unexpected keys or size mismatches
-        try:
-            how = describe_mismatch(opt['network_g'], weights, trust_pickle or path_opt.get('trust_pickle', False))
-        except Exception:  # noqa: BLE001  (fall back to torch's own words)
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            how = '; '.join(lines[1:3] or lines[:1])[:300] or type(err).__name__
-        raise ValueError(f'{weights}: does not fit network_g ({opt["network_g"].get("type")}) of {opt_path}: '
-                         f'{how}') from None
-    model.device = torch.device(device)
-    model.net_g.to(model.device).eval()
-    if model.net_clip is not None:
-        model.net_clip.to(model.device).eval()
-    return model
-
-
-def degradation_report(model, embedding):
-    """{prompt: probability} of the model's CLIP for the embedding of one image (the one the
-    network was given); empty without network_clip."""
-    if model.net_clip is None:
-        return {}
-    probs = model.net_clip.classify_embedding(embedding)[0].tolist()
-    return dict(zip(model.net_clip.prompts, probs))
-
-
-@dataclass
-class Restoration:
-    """What one forward pass gave for one image (see :func:`restore_image`)."""
-
-    image: np.ndarray                 # float32 HxWx3 RGB in [0, 1], the input's size
-    report: dict                      # {prompt: CLIP probability}; empty without network_clip
-    seconds: float                    # CLIP embedding + network forward (+ drawing the stages)
-    stage_grid: Optional[np.ndarray] = None   # BGR uint8 picture of the unfolding stages, on request
-    note: str = ''                    # why there is no stage grid although one was asked for
-
-    @property
-    def top_type(self):
-        return max(self.report, key=self.report.get) if self.report else ''
-
-
-def restore_image(model, rgb, tile=None, tile_overlap=32, stages=False):
-    """Restore one image (float32 HxWx3 RGB in [0, 1], as :func:`read_image` gives it).
-
-    One CLIP embedding and one network forward (or one per tile with ``tile``) give the restored
-    image, the degradation report from that embedding and, with ``stages``, the stage grid from
-    that same forward. Used by ``vlunet-restore`` and ``vlunet-app``.
-    """
-    import torch
-
-    from vlunet.stage_grid import stage_grid, type_names
-    start = time.perf_counter()
-    lq = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).unsqueeze(0).to(model.device)
-    with torch.no_grad():
-        embedding = model.degradation_embedding(lq)
-        report = degradation_report(model, embedding)
-        if stages:
-            out, recorded = model.restore(lq, tile=tile, tile_overlap=tile_overlap, embedding=embedding,
-                                          return_stages=True)
-        else:
-            out, recorded = model.restore(lq, tile=tile, tile_overlap=tile_overlap, embedding=embedding), None
-    restored = out[0].clamp(0, 1)
-    grid, note = None, ''
-    if stages and recorded:
-        k = recorded[0]['weights'].shape[1]
-        grid = stage_grid(lq[0], restored, recorded, type_names(model.net_clip, k))
-    elif stages and not model.records_stages():
-        note = (f'no stage grid: {type(model.get_bare_model(model.net_g)).__name__} does not record its '
-                'unfolding stages (VLUNet does)')
-    elif stages:
-        note = (f'no stage grid: the image ({rgb.shape[1]}x{rgb.shape[0]}) ran as several {tile} px tiles and the '
-                'stages come from one whole-image forward; restore it without tiling, or with a tile at least '
-                'as large as the image, to see them')
-    image = restored.permute(1, 2, 0).float().cpu().numpy()
-    return Restoration(image, report, time.perf_counter() - start, grid, note)
+        return RestorationEngine.from_options(opt_path, model_path, device=device, precision=precision,
+                                              trust_pickle=trust_pickle)
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
 
 
 def save_restored(path, restoration, info):
@@ -378,7 +178,7 @@ def main(argv=None):
     from tqdm import tqdm
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
-        model = build_model(args.opt, args.model, device, trust_pickle=args.trust_pickle)
+        engine = build_engine(args.opt, args.model, device, trust_pickle=args.trust_pickle)
     except (FileNotFoundError, KeyError, ValueError) as err:
         return _error(err.args[0] if err.args else err)
     try:
@@ -405,7 +205,7 @@ def main(argv=None):
                 hint = '; --max-pixels N raises the limit (0: none)' if isinstance(err, ImageTooLargeError) else ''
                 skipped.append({'file': name, 'reason': err.reason + hint})
                 continue
-            result = restore_image(model, rgb, args.tile, args.tile_overlap, stages=args.save_stages)
+            result = engine.restore(rgb, args.tile, args.tile_overlap, stages=args.save_stages)
             save_restored(os.path.join(args.output, name), result, info)
             if result.stage_grid is not None:
                 grid = f'{os.path.splitext(name)[0]}_stages.png'

@@ -43,11 +43,12 @@ from basicsr.utils.registry import METRIC_REGISTRY, MODEL_REGISTRY
 from tqdm import tqdm
 
 from vlunet.archs.card import card_for
-from vlunet.archs.conditioning import CLIP_DIM, DEGRADATION_EMBEDDING, TEXT_EMBEDDING, bare_network
-from vlunet.models.train_step import TrainStep, autocast, broadcast_from_rank0, parse_amp
-from vlunet.utils.atomic import torch_save_atomic, write_image_atomic, write_json_atomic
+from vlunet.archs.conditioning import TEXT_EMBEDDING, bare_network
+from vlunet.inference import Conditioner, RestorationEngine, text_codes_from_options
+from vlunet.models.train_step import TrainStep, broadcast_from_rank0, parse_amp
+from vlunet.utils.atomic import write_image_atomic, write_json_atomic
 from vlunet.utils.checkpoint import load_published_state_dict
-from vlunet.utils.tiling import center_crop_to_multiple, crop_to, pad_to_multiple, tiled_forward
+from vlunet.utils.tiling import center_crop_to_multiple
 from vlunet.utils.widening import count_degradation_types, widen_state_dict
 
 
@@ -61,8 +62,6 @@ def _float_hwc(tensor):
 
 # train.*_opt keys with their own place in the step; every other one is a loss term
 SHARED_LOSS_KEYS = ('pixel_opt', 'perceptual_opt', 'clip_opt')
-TEXT_PROMPT_MODES = {'oracle': "the image's known task (its label), as the method's published test",
-                     'blind': 'the degradation type network_clip classifies the image as'}
 
 
 @MODEL_REGISTRY.register()
@@ -83,6 +82,7 @@ class VLUNetModel(SRModel):
         self.condition = self.card.condition
         if opt.get('network_clip'):
             self._build_clip(opt['network_clip'])
+        self.conditioner = Conditioner(self.condition, self.net_clip)
         if self.condition == TEXT_EMBEDDING:
             self._build_text_codes(opt.get('text_embedding'))
         load_path = opt['path'].get('pretrain_network_g')
@@ -135,95 +135,42 @@ class VLUNetModel(SRModel):
             broadcast_from_rank0(list(net.parameters()) + list(net.buffers()))
         self.net_clip = net
 
+    def _build_text_codes(self, text_opt):
+        """The text-code table of a text-conditioned network (``text_embedding``), computed once per run."""
+        example = f'options/train/{self.card.variant().options}_NHR.yml' if self.card.variants else ''
+        self.conditioner.text_codes, self.conditioner.text_mode = text_codes_from_options(text_opt, self.net_clip,
+                                                                                          example)
+        self.conditioner.text_codes = self.conditioner.text_codes.to(self.device)
+
+    # what network_g takes besides the image: the conditioner's (vlunet.inference.conditioning)
+    @property
+    def text_codes(self):
+        return self.conditioner.text_codes
+
+    @property
+    def text_mode(self):
+        return self.conditioner.text_mode
+
     def degradation_embedding(self, lq):
         """CLIP embedding of ``lq`` for ``network_g`` (None without ``network_clip``)."""
-        if self.net_clip is None:
-            return None
-        with torch.no_grad():
-            return self.net_clip(lq)
-
-    def _build_text_codes(self, text_opt):
-        """DFPIR's ``text_code`` table: the CLIP text embeddings (K, CLIP_DIM) of one prompt per task
-        (row k = label k), computed once by CLIP's text tower and kept (never recomputed per batch);
-        with ``text_embedding.cache`` also stored in / read from that file."""
-        if not isinstance(text_opt, dict) or not text_opt.get('prompts'):
-            raise ValueError(f'network_g {self.opt["network_g"].get("type")} takes a CLIP text embedding of the task '
-                             'prompt: set text_embedding: {clip_model: ViT-B-32, pretrained: openai, prompts: [one '
-                             'per label], mode: oracle | blind}'
-                             + (f' (see options/train/{self.card.variant().options}_NHR.yml)' if self.card.variants
-                                else ''))
-        mode = text_opt.get('mode', 'oracle')
-        if mode not in TEXT_PROMPT_MODES:
-            raise ValueError(f'text_embedding.mode: expected one of {TEXT_PROMPT_MODES}, got {mode!r}')
-        if mode == 'blind' and self.net_clip is None:
-            raise ValueError('text_embedding.mode: blind picks the prompt of the degradation type that network_clip '
-                             'classifies the image as: set network_clip (the CLIP stage), or use mode: oracle')
-        prompts = [str(p) for p in text_opt['prompts']]
-        if mode == 'blind' and len(prompts) != self.net_clip.num_types:
-            raise ValueError(f'text_embedding.prompts has {len(prompts)} prompts but network_clip knows '
-                             f'{self.net_clip.num_types} degradation types; blind mode needs one prompt per type')
-        source = {'clip_model': text_opt.get('clip_model', 'ViT-B-32'), 'pretrained': text_opt.get('pretrained',
-                                                                                                    'openai')}
-        cache = text_opt.get('cache')
-        codes = None
-        if cache and os.path.isfile(cache):
-            try:
-                stored = torch.load(cache, map_location='cpu', weights_only=True)
-            except Exception as err:  # noqa: BLE001  (a damaged cache is recomputed and replaced)
-                get_root_logger().warning(f'text_embedding.cache: {cache} cannot be read ({type(err).__name__}); '
-                                          'computing the text codes again')
-                stored = {}
-            if stored.get('prompts') == prompts and stored.get('source') == source:
-                codes = stored['codes']
-        if codes is None:
-            clip = build_network({'type': 'DegradationCLIP', **source, 'prompts': prompts,
-                                  **{k: v for k, v in text_opt.items() if k in ('cache_dir', 'allow_download')}})
-            with torch.no_grad():
-                codes = clip.encode_text().float().cpu()
-            del clip
-            if cache:
-                os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-                torch_save_atomic({'prompts': prompts, 'source': source, 'codes': codes}, cache)
-        if codes.shape != (len(prompts), CLIP_DIM):
-            raise ValueError(f'text_embedding: expected ({len(prompts)}, {CLIP_DIM}) text codes, '
-                             f'got {tuple(codes.shape)}')
-        self.text_codes, self.text_mode = codes.to(self.device), mode
-        get_root_logger().info(f'Text codes: {len(prompts)} prompts embedded once by {source["clip_model"]} '
-                               f'({source["pretrained"]}); prompt chosen by {TEXT_PROMPT_MODES[mode]}')
+        return self.conditioner.embedding(lq)
 
     def text_code(self, lq, label=None, embedding=None):
-        """(B, CLIP_DIM) text codes: row ``label`` of the table (oracle) or of the type network_clip
-        classifies ``lq`` as (blind; ``embedding`` is its CLIP embedding when already computed)."""
-        if self.text_mode == 'oracle':
-            if label is None:
-                raise ValueError('text_embedding.mode: oracle takes the prompt of each image\'s known task (its '
-                                 'label); these images have none: use mode: blind (with network_clip)')
-            index = torch.as_tensor(label, device=self.device).long().view(-1)
-        else:
-            if embedding is None:
-                embedding = self.degradation_embedding(lq)
-            index = self.net_clip.classify_embedding(embedding).argmax(dim=1)
-        return self.text_codes.to(device=lq.device, dtype=lq.dtype)[index.to(lq.device)]
+        return self.conditioner.text_code(lq, label, embedding)
 
     def network_input(self, lq, label=None, embedding=None):
-        """What ``network_g`` takes besides the image (vlunet.archs.conditioning): VLU-Net's CLIP image
-        embedding, DFPIR's text code, or None."""
-        if self.condition == TEXT_EMBEDDING:
-            return self.text_code(lq, label, embedding)
-        if self.condition == DEGRADATION_EMBEDDING:
-            return self.degradation_embedding(lq) if embedding is None else embedding
-        return None
+        return self.conditioner.network_input(lq, label, embedding)
 
     def run_network(self, net, lq, extra=None):
         return net(lq) if self.condition is None else net(lq, extra)
 
     def describe_conditioning(self):
-        """How this model conditions network_g, for model.json and the comparison table."""
-        if self.condition == TEXT_EMBEDDING:
-            return f'text prompt ({self.text_mode})'
-        if self.condition == DEGRADATION_EMBEDDING:
-            return 'CLIP image embedding' if self.net_clip is not None else 'no embedding (uniform type weights)'
-        return None
+        return self.conditioner.describe()
+
+    @property
+    def engine(self):
+        """The inference engine over this model's networks (validation, vlunet-test)."""
+        return RestorationEngine(self.net_g, self.conditioner, self.device, prepare=False)
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """Load ``path.pretrain_network_g``: BasicSR files and the published formats alike.
@@ -367,49 +314,23 @@ class VLUNetModel(SRModel):
         return card_for(self.get_bare_model(net or self.net_g)).records_stages
 
     def restore(self, lq, net=None, tile=None, tile_overlap=16, embedding=None, return_stages=False, label=None):
-        """Restore a (B,3,H,W) batch in [0,1]: pad to a multiple of 8 (or tile), run, crop back.
-
-        ``embedding``: the CLIP embedding of ``lq`` when the caller already has it (it is computed
-        here otherwise). ``label``: the images' task indices (DFPIR's oracle prompt). ``return_stages``:
-        return ``(restored, stages)``, the unfolding stages that this same forward recorded
-        (``VLUNet(..., return_stages=True)``), or ``stages = None`` when the network records none or
-        the image ran as several tiles (no second forward is made).
-        """
+        """Restore a (B,3,H,W) batch in [0,1] through the inference engine (see
+        :meth:`vlunet.inference.RestorationEngine.forward`); ``net`` defaults to the EMA network if any."""
         net = net or (self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
-        extra = self.network_input(lq, label, embedding)  # one embedding for the whole image, all tiles
-        record = return_stages and self.records_stages(net)
-        recorded = []
-
-        card = card_for(self.get_bare_model(net))
-
-        def fn(x):
-            if record:
-                out, stages = net(x, extra, return_stages=True)
-                recorded.append(stages)
-            else:
-                out = self.run_network(net, x, extra)
-            return card.read_output(self.get_bare_model(net), out).image
-
-        if tile:
-            out = tiled_forward(fn, lq, tile, tile_overlap)
-        else:
-            padded, size = pad_to_multiple(lq, 8)
-            out = crop_to(fn(padded), size)
-        if not return_stages:
-            return out
-        return out, (recorded[0] if len(recorded) == 1 else None)
+        return self.engine.forward(lq, label=label, embedding=embedding, return_stages=return_stages, net=net,
+                                   tile=tile, tile_overlap=tile_overlap)
 
     def test(self):
-        """Restore ``self.lq`` with the bare network (EMA if any; not its DDP / compiled wrapper), under
-        ``val.amp`` autocast when set."""
+        """Restore ``self.lq`` with the bare network (EMA if any; not its DDP / compiled wrapper) through the
+        inference engine, under ``val.amp`` autocast when set."""
         net = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
         was_training = net.training
         net.eval()
         val_opt = self.opt.get('val') or {}
-        with torch.no_grad(), autocast(self.device, parse_amp(val_opt.get('amp', False), 'val.amp')):
-            self.output = self.restore(self.lq, net, val_opt.get('tile'), val_opt.get('tile_overlap', 16),
-                                       label=self.label)
-        self.output = self.output.float()
+        engine = self.engine
+        engine.precision = parse_amp(val_opt.get('amp', False), 'val.amp')
+        self.output = engine.forward(self.lq, label=self.label, net=net, tile=val_opt.get('tile'),
+                                     tile_overlap=val_opt.get('tile_overlap', 16)).float()
         if was_training:
             net.train()
 

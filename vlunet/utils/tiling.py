@@ -4,6 +4,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+MIN_TILE = 32            # smallest tile side (pixels)
+TILE_MULTIPLE = 8        # tiles are rounded up to a multiple of this
+
 
 def pad_to_multiple(x, multiple=8, mode='reflect', minimum=0):
     """Pad the last two dims of ``x`` at the bottom/right up to a multiple of ``multiple`` (and to
@@ -90,3 +93,32 @@ def tiled_forward(fn, x, tile, overlap=16, multiple=8):
             out[..., top:top + y.shape[-2], left:left + y.shape[-1]] += y * win
             weight[..., top:top + y.shape[-2], left:left + y.shape[-1]] += win
     return out / weight
+
+
+def tile_count(height, width, tile, overlap):
+    """Forwards :func:`tiled_forward` makes for an image of this size."""
+    tile = int(math.ceil(tile / TILE_MULTIPLE) * TILE_MULTIPLE)
+    if height <= tile and width <= tile:
+        return 1
+    stride = tile - overlap
+
+    def n(length):
+        return 1 if length <= tile else math.ceil((length - tile) / stride) + 1
+    return n(height) * n(width)
+
+
+def check_tiling(tile, overlap, min_stride=1, names=('--tile', '--tile-overlap')):
+    """None when ``tile``/``overlap`` make valid tiles, else the reason (naming the options)."""
+    if tile is None:
+        return None
+    if tile < MIN_TILE:
+        return f'{names[0]} {tile}: expected at least {MIN_TILE} pixels'
+    if overlap < 0:
+        return f'{names[1]} {overlap}: expected 0 or more pixels'
+    if overlap >= tile:
+        return (f'{names[1]} ({overlap} px) must be smaller than {names[0]} ({tile} px): each tile advances by '
+                f'tile - overlap pixels')
+    if tile - overlap < min_stride:
+        return (f'{names[0]} {tile} with {names[1]} {overlap} advances by {tile - overlap} px per tile; at least '
+                f'{min_stride} px are needed (use a smaller overlap)')
+    return None
