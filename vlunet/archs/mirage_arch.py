@@ -82,8 +82,8 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (ChannelAttention, Downsample, FeedForward, GatedLinear, LayerNorm, NormLinear,
                                  OverlapPatchEmbed, Upsample, _flat, _pad_out_channels, channel_attention, crop_to,
                                  linear_map, pad_to_multiple, use_fused)
-from vlunet.archs.card import (MethodCard, NetworkOutput, ReferenceCode, TrainingTerm, Variant, count_blocks,
-                               expansion_factor, layer_norm_type, register_card)
+from vlunet.archs.card import (CheckpointFormat, MethodCard, NetworkOutput, ReferenceCode, TrainingTerm, Variant,
+                               count_blocks, expansion_factor, layer_norm_type, lightning_layout, register_card)
 
 GATED_EXPANSION = 8 / 3      # hidden width of the gated CNN block: int(8/3 * c)
 DYNAMIC_KERNEL = 7           # per-sample depthwise kernel of the gated CNN block
@@ -471,9 +471,10 @@ CARD = register_card(MethodCard(
     signature=('patch_embed.proj.weight', 'reduce_dim_level3.weight', 'spd_proj_shallow.weight',
                'spd_proj_latent.weight'),
     kwargs_from_state_dict=_kwargs_from_state_dict,
-    checkpoint_formats=("Lightning .ckpt: {'state_dict': {'net.<key>': ...}, ...} (train_ckpt/<setting>/<name>.ckpt, "
-                        "e.g. 3deg_small/3Deg_small.ckpt; by their sizes full training checkpoints with the AdamW "
-                        "state; no hyper-parameters saved)",),
+    checkpoint_formats=(CheckpointFormat(
+        "Lightning .ckpt: {'state_dict': {'net.<key>': ...}, ...} (train_ckpt/<setting>/<name>.ckpt, e.g. "
+        "3deg_small/3Deg_small.ckpt; by their sizes full training checkpoints with the AdamW state; no "
+        "hyper-parameters saved)", lightning_layout),),
     training_terms=(
         TrainingTerm('fft_opt', 'FFTLoss', published={'loss_weight': 0.1},
                      what='0.1 x L1 of the rfft2 spectra, real and imaginary parts (train_*.py, '
