@@ -503,7 +503,7 @@ CARD = register_card(MethodCard(
     # are printed only in the paper's tables, which could not be read here; the teaser figure's bars
     # (assets/teaser.png) are too small to read reliably (about 32.9 dB 3-task / 30.7 dB 5-task averages).
     results=(),
-    # the small file for dim 30, the tiny file for dim 24 (each hard-codes its SPD reducer widths); DropPath
-    # draws on the global RNG in training, so both implementations get the same draws
+    # the small file for dim 30, the tiny file for dim 24 (each hard-codes its SPD reducer widths); they need einops
+    # and timm (DropPath). DropPath draws on the global RNG in training: both implementations get the same draws
     reference=ReferenceCode('MIRAGE', stubs=('fvcore', 'fvcore.nn'), seed_forward=True),
 ))
