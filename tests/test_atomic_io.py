@@ -108,14 +108,14 @@ FULL_DISK_SCRIPT = r'''
 import os, resource, signal, sys
 import torch
 import vlunet  # noqa: F401
-from vlunet.compat import _save_with_retries
+from vlunet.utils.atomic import save_with_retries
 path, limit = sys.argv[1], int(sys.argv[2])
-_save_with_retries({'w': torch.ones(16)}, path, 'network')           # fits
+save_with_retries({'w': torch.ones(16)}, path, 'network')           # fits
 if limit:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                    # a write past the limit fails (EFBIG)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 try:
-    _save_with_retries({'w': torch.ones(200_000)}, path, 'network')  # 800 KB: does not fit
+    save_with_retries({'w': torch.ones(200_000)}, path, 'network')  # 800 KB: does not fit
 except OSError as err:
     print('OSError:', err)
 '''

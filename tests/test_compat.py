@@ -1,6 +1,5 @@
 """Each fix in vlunet/compat.py, tested against the symptom it names."""
 import collections
-import math
 import os
 
 import pytest
@@ -9,7 +8,6 @@ import yaml
 
 import vlunet  # noqa: F401  (applies the fixes)
 from vlunet import compat
-from vlunet.models.lr_scheduler import LinearWarmupCosineLR
 
 
 def test_basicsr_imports_on_this_torchvision():
@@ -34,41 +32,6 @@ def test_local_rank_spellings():
     assert compat._normalise_local_rank_argv(['-opt', 'x', '--local-rank=3']) == ['-opt', 'x', '--local_rank=3']
     assert compat._normalise_local_rank_argv(['--local-rank', '1']) == ['--local_rank', '1']
     assert compat._normalise_local_rank_argv(['--local_rank', '1']) == ['--local_rank', '1']
-
-
-def test_any_torch_optimizer_and_warmup_cosine():
-    from basicsr.models.base_model import BaseModel
-    model = BaseModel.__new__(BaseModel)
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    assert isinstance(model.get_optimizer('AdamW', params, 1e-3, weight_decay=0.01), torch.optim.AdamW)
-    assert isinstance(model.get_optimizer('Adam', params, 1e-3), torch.optim.Adam)
-    with pytest.raises(NotImplementedError, match='Bogus'):
-        model.get_optimizer('Bogus', params, 1e-3)
-
-    opt = torch.optim.AdamW(params, lr=1.0)
-    sched = LinearWarmupCosineLR(opt, warmup_iter=10, total_iter=110, eta_min=0.0)
-    lrs = []
-    for _ in range(120):
-        lrs.append(opt.param_groups[0]['lr'])
-        opt.step()
-        sched.step()
-    assert lrs[0] == 0.0 and math.isclose(lrs[5], 0.5) and math.isclose(lrs[10], 1.0)
-    assert math.isclose(lrs[60], 0.5, abs_tol=1e-9)  # half-way through the cosine
-    assert lrs[110] == pytest.approx(0.0, abs=1e-12) and lrs[119] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-
-
-def test_scheduler_option_defaults_to_training_length():
-    from basicsr.models.base_model import BaseModel
-    model = BaseModel.__new__(BaseModel)
-    model.optimizers = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)]
-    model.schedulers = []
-    model.opt = {'train': {'total_iter': 40, 'scheduler': {'type': 'LinearWarmupCosineLR', 'warmup_iter': 4}}}
-    model.setup_schedulers()
-    assert model.schedulers[0].total_iter == 40
-    model.opt['train']['scheduler'] = {'type': 'MultiStepLR', 'milestones': [5], 'gamma': 0.5}
-    model.setup_schedulers()  # BasicSR's own schedulers still work
-    assert type(model.schedulers[1]).__name__ == 'MultiStepRestartLR'
 
 
 def test_training_state_with_counter_loads_weights_only(tmp_path):
@@ -109,13 +72,3 @@ def test_ddp_wrapper_on_cpu_gets_no_device_ids(monkeypatch):
     model.opt = {'dist': True, 'num_gpu': 0, 'find_unused_parameters': True}
     model.model_to_device(torch.nn.Linear(1, 1))
     assert seen == {'device_ids': None, 'find_unused': True}
-
-
-def test_flags_under_path_are_not_made_into_folders(tmp_path):
-    from basicsr.utils import make_exp_dirs
-    root = tmp_path / 'exp'
-    opt = {'is_train': True, 'path': {'experiments_root': str(root), 'models': str(root / 'models'),
-                                      'widen_degradation_types': True, 'pretrain_network_g': None}}
-    make_exp_dirs(opt)  # raised TypeError on the boolean before the fix
-    assert (root / 'models').is_dir()
-    assert opt['path']['widen_degradation_types'] is True  # the caller's options are untouched

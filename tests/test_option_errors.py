@@ -100,6 +100,8 @@ def test_yaml_syntax_errors_and_bad_force_yml_entries(tmp_path, capsys):
 
 
 def test_force_yml_numbers_are_numbers(monkeypatch):
+    from vlunet import pipeline
+    pipeline.install()  # as vlunet-train / vlunet-test do
     from basicsr.utils.options import _postprocess_yml_value, parse_options
     for text, value in (('1e10', 1e10), ('2e-4', 2e-4), ('-1', -1), ('+3', 3), ('.5', 0.5), ('7', 7)):
         got = _postprocess_yml_value(text)

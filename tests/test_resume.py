@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from conftest import DEMO_TRAIN, TINY_DEMO, load_yaml, run_cli, write_yaml
-from vlunet.compat import iteration_problems
+from vlunet.pipeline import iteration_problems
 
 EXP = 'VLUNet_demo'
 

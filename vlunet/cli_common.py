@@ -54,10 +54,10 @@ def _options_as_run(opt_path, force_yml, problems=None):
     is appended there (and None returned for an unreadable file) instead of raised."""
     import yaml
     from basicsr.utils.options import _postprocess_yml_value
-    from vlunet.compat import _ordered_safe_yaml
+    from basicsr.utils.options import ordered_yaml  # a safe loader (vlunet.compat)
     try:
         with open(opt_path, encoding='utf-8') as f:
-            opt = yaml.load(f, Loader=_ordered_safe_yaml()[0])
+            opt = yaml.load(f, Loader=ordered_yaml()[0])
     except yaml.YAMLError as err:
         if problems is None:
             raise
@@ -392,45 +392,18 @@ def check_inputs_exist(argv, is_train):
         raise SystemExit(2)
 
 
-def _accumulating_loaders():
-    """With ``train.accumulate_grad_batches: N`` the training loader yields ``batch_size_per_gpu x N``
-    samples per iteration, which the model splits into N micro-batches (vlunet.models.train_step),
-    so BasicSR's epoch and iteration counts stay counts of optimizer steps."""
-    import basicsr.train as basicsr_train
-    original = basicsr_train.create_train_val_dataloader
-    if getattr(original, '_vlunet_wrapped', False):
-        return
-
-    def create_train_val_dataloader(opt, logger):
-        train_opt = opt['datasets'].get('train') if isinstance(opt.get('datasets'), dict) else None
-        n = int((opt.get('train') or {}).get('accumulate_grad_batches') or 1)
-        if train_opt is None or n == 1:
-            return original(opt, logger)
-        per_gpu = train_opt['batch_size_per_gpu']
-        train_opt['batch_size_per_gpu'] = per_gpu * n
-        try:
-            result = original(opt, logger)
-        finally:
-            train_opt['batch_size_per_gpu'] = per_gpu
-        logger.info(f'Gradient accumulation: the loader reads {per_gpu * n} samples per GPU and iteration, '
-                    f'{n} micro-batches of {per_gpu}; iterations above count optimizer steps.')
-        return result
-
-    create_train_val_dataloader._vlunet_wrapped = True
-    basicsr_train.create_train_val_dataloader = create_train_val_dataloader
-
-
 def run_pipeline(pipeline_name, argv=None):
     """Run ``basicsr.{train,test}.{pipeline_name}`` with experiments/ and results/ under the cwd."""
     argv = list(sys.argv[1:] if argv is None else argv)
     check_option_file(argv)
-    import vlunet  # noqa: F401  (compat fixes + registries)
-    check_options(argv, is_train=pipeline_name == 'train_pipeline')
-    check_inputs_exist(argv, is_train=pipeline_name == 'train_pipeline')
+    is_train = pipeline_name == 'train_pipeline'
+    from vlunet import pipeline as policies  # compat fixes + registries, then our pipeline policies
+    policies.install(train=is_train)
+    check_options(argv, is_train=is_train)
+    check_inputs_exist(argv, is_train=is_train)
     sys.argv[1:] = argv
-    if pipeline_name == 'train_pipeline':
+    if is_train:
         from basicsr.train import train_pipeline as pipeline
-        _accumulating_loaders()
     else:
         from basicsr.test import test_pipeline as pipeline
     pipeline(os.getcwd())

@@ -18,11 +18,11 @@ from collections import OrderedDict
 import torch
 from basicsr.archs import build_network
 from basicsr.losses import build_loss
-from basicsr.models.base_model import BaseModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from vlunet.models.base_model import VLUNetBaseModel
 from vlunet.models.train_step import TrainStep, broadcast_from_rank0
 from vlunet.utils.atomic import torch_save_atomic
 
@@ -30,7 +30,7 @@ METRICS = {'accuracy': 'higher'}  # metric name -> which direction is better
 
 
 @MODEL_REGISTRY.register()
-class CLIPAdapterModel(BaseModel):
+class CLIPAdapterModel(VLUNetBaseModel):
     """Fine-tunes DegradationCLIP on degradation-type labels (see the module docstring)."""
 
     def __init__(self, opt):

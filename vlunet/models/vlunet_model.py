@@ -45,6 +45,7 @@ from tqdm import tqdm
 from vlunet.archs.card import card_for
 from vlunet.archs.conditioning import TEXT_EMBEDDING, bare_network
 from vlunet.inference import Conditioner, RestorationEngine, text_codes_from_options
+from vlunet.models.base_model import VLUNetBaseModel
 from vlunet.models.train_step import TrainStep, broadcast_from_rank0, parse_amp
 from vlunet.utils.atomic import write_image_atomic, write_json_atomic
 from vlunet.utils.checkpoint import load_published_state_dict
@@ -65,7 +66,7 @@ SHARED_LOSS_KEYS = ('pixel_opt', 'perceptual_opt', 'clip_opt')
 
 
 @MODEL_REGISTRY.register()
-class VLUNetModel(SRModel):
+class VLUNetModel(VLUNetBaseModel, SRModel):
     """All-in-one restoration model (see the module docstring for its options)."""
 
     def __init__(self, opt):
@@ -409,7 +410,7 @@ class VLUNetModel(SRModel):
                 f'{k}: {averages["input_" + k]:.4f}' for k in metrics_opt))
         if not self.opt['is_train']:
             self._update_metrics_json(dataset_name, averages, count, seconds,
-                                      self.validation_protocol(dataloader.dataset))
+                                      self.validation_protocol(dataloader.dataset), dataloader.dataset)
         return averages
 
     def _save_image(self, img, dataset_name, name, current_iter, suffix=None):
@@ -421,7 +422,13 @@ class VLUNetModel(SRModel):
             path = os.path.join(vis, dataset_name, f'{name}_{suffix}.png')
         write_image_atomic(path, img)
 
-    def _update_metrics_json(self, dataset_name, averages, count, seconds, protocol):
+    def _update_metrics_json(self, dataset_name, averages, count, seconds, protocol, dataset=None):
+        """``metrics.json[dataset_name]``: the averages, ``images``, ``seconds``, the ``protocol``; the test set's
+        ``fingerprint`` (count, sizes, content hash, files) with ``test_set``, its check against the canonical
+        set (:mod:`vlunet.metrics.fingerprint`; a set that differs is logged); and the ``environment``
+        (package versions, device, precision, tiling: :mod:`vlunet.metrics.environment`)."""
+        from vlunet.metrics.environment import environment
+        from vlunet.metrics.fingerprint import check_fingerprint, dataset_fingerprint
         path = os.path.join(self.opt['path']['results_root'], 'metrics.json')
         data = {}
         if os.path.isfile(path):
@@ -429,6 +436,16 @@ class VLUNetModel(SRModel):
                 data = json.load(f)
         entry = {k: round(v, 6) for k, v in averages.items()}
         entry.update(images=count, seconds=round(seconds, 3), protocol=protocol)
+        if dataset is not None:
+            entry['fingerprint'] = dataset_fingerprint(dataset)
+            entry['test_set'] = check_fingerprint(dataset_name, entry['fingerprint'])
+            if entry['test_set']['status'] == 'differs':
+                get_root_logger().warning(f'{dataset_name} differs from the canonical {entry["test_set"]["canonical"]} '
+                                          f'({entry["test_set"]["checked"]}): '
+                                          + '; '.join(entry['test_set']['differences']))
+        val_opt = self.opt.get('val') or {}
+        entry['environment'] = environment(self.device, parse_amp(val_opt.get('amp', False), 'val.amp'),
+                                           val_opt.get('tile'), val_opt.get('tile_overlap', 16))
         data[dataset_name] = entry
         write_json_atomic(path, data, sort_keys=True)
 

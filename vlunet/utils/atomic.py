@@ -201,3 +201,22 @@ def write_image_atomic(path, img, params=None, auto_mkdir=True):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = encode_image(img, os.path.splitext(path)[1] or '.png', params)
     write_atomic(path, lambda f: f.write(data))
+
+
+def save_with_retries(obj, path, what, attempts=3, wait=1.0):
+    """``torch.save`` ``obj`` atomically, retried ``attempts`` times; then an OSError naming the file
+    (``what``: 'network', 'training state', ...) and saying that the previous files are intact."""
+    import sys
+    import time
+    for attempt in range(attempts):
+        try:
+            torch_save_atomic(obj, path)
+            return
+        except OSError as err:
+            if attempt == attempts - 1:
+                failure = OSError(f'cannot save the {what} {path}: {err} (is the disk or quota full?); the previous '
+                                  'checkpoints are intact, resume from them with --auto_resume')
+                failure.errno = err.errno  # the cause stays readable (ENOSPC, EDQUOT, ...) without changing the text
+                raise failure from err
+            sys.stderr.write(f'WARNING: saving {path} failed ({err}); retrying\n')
+            time.sleep(wait)
