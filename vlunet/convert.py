@@ -23,7 +23,7 @@ import yaml
 import vlunet  # noqa: F401  (BasicSR fixes, registers our archs; must precede basicsr)  # isort: skip
 from basicsr.utils.registry import ARCH_REGISTRY  # isort: skip
 from vlunet.utils.atomic import write_all_atomic
-from vlunet.archs.card import guess_arch
+from vlunet.archs.card import guess_arch, network_entry
 from vlunet.utils.checkpoint import CheckpointError, check_clip_adapters, load_published_state_dict
 
 PROG = 'vlunet-convert'
@@ -138,6 +138,13 @@ def convert(src, dst, arch=None, arch_opts=None, clip_out=None, trust_pickle=Fal
         raise ConversionError(f'--clip-out {clip_out}: {src} holds no CLIP adapter entries '
                               f'(ad_imageEncoder.adapter.*, ad_textEncoder.adapter.*)')
 
+    if len(ckpt.entries) > 1:  # several pickled modules: the one a method card recognises is the network
+        chosen = network_entry(ckpt.entries)
+        if chosen is not None:
+            ckpt.params = ckpt.entries[chosen]
+            ckpt.ignored = [k for k in ckpt.ignored + [k for k in ckpt.entries] if k != chosen]
+            log(f'{src}: entry {chosen!r} is the network ({len(ckpt.params)} tensors); not converted: '
+                f'{_short_list(sorted(set(ckpt.ignored)), 5)}')
     guess = guess_arch(ckpt.params)
     if arch is None and guess is None:
         raise ConversionError(f'{src}: cannot tell the architecture from its keys '

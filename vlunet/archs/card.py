@@ -99,7 +99,11 @@ class PublishedResults:
     names of the setting's test files (e.g. 'CBSD68_sigma25', 'Rain100L', 'SOTS_outdoor').
     average: the printed average (None if not printed). source: paper and table, or repository
     figure and commit. quoted_in: None for the method's own paper, else the paper whose quote
-    this is (another paper can print the method differently).
+    this is (another paper can print the method differently). measurement: how the source measured,
+    where it differs from the setting's shared protocol (``{'psnr': 'uint8', 'ssim': 'uint8_uniform7',
+    'crop': 'multiple of 8'}``, the variant names of :mod:`vlunet.metrics.published_metric`); None: as
+    the setting's test files measure. The leaderboard recomputes the average from ``tasks`` and
+    flags a printed one that differs.
     """
     setting: str
     variant: str
@@ -107,6 +111,7 @@ class PublishedResults:
     source: str
     average: Optional[Tuple[float, Optional[float]]] = None
     quoted_in: Optional[str] = None
+    measurement: Optional[Mapping[str, str]] = None
 
 
 @dataclass(frozen=True)
@@ -418,3 +423,10 @@ def guess_arch(params: Mapping) -> Optional[Tuple[str, dict]]:
     """``(arch name, constructor kwargs)`` of a state_dict (see :func:`identify`), or None."""
     found = identify(params)
     return (found.card.arch, found.kwargs) if found else None
+
+
+def network_entry(entries: Mapping) -> Optional[str]:
+    """Of several state_dicts (a file of pickled modules: the network, an auxiliary network, ...), the name of
+    the one a card recognises exactly as a method's network; None when not exactly one is."""
+    found = [name for name, params in entries.items() if (lambda r: r is not None and r.exact)(identify(params))]
+    return found[0] if len(found) == 1 else None

@@ -98,7 +98,8 @@ def load_weights(net, path, trust_pickle=False, param_key='params', what=None):
 
     Raises CheckpointError (unreadable file) or WeightsError (weights that do not fit, saying how);
     ``what`` names the network in that message."""
-    ckpt = load_published_state_dict(path, trust_pickle=trust_pickle, param_key=param_key)
+    ckpt = load_published_state_dict(path, trust_pickle=trust_pickle, param_key=param_key,
+                                     expect_keys=bare_network(net).state_dict().keys())
     if not ckpt.params:
         raise WeightsError(f'{path}: holds no network weights (format {ckpt.source_format})')
     try:
@@ -209,8 +210,10 @@ class RestorationEngine:
         cards). Networks that need a CLIP stage or text prompts need an option file instead (a network
         conditioned on a CLIP image embedding runs with uniform degradation weights)."""
         import vlunet  # noqa: F401
-        from vlunet.archs.card import identify
+        from vlunet.archs.card import identify, network_entry
         ckpt = load_published_state_dict(path, trust_pickle=trust_pickle)
+        if len(ckpt.entries) > 1 and network_entry(ckpt.entries) is not None:
+            ckpt.params = ckpt.entries[network_entry(ckpt.entries)]
         found = identify(ckpt.params) if ckpt.params else None
         if found is None or not found.exact:
             raise WeightsError(f'{path}: the method cannot be recognised from its weights; use an option file '

@@ -183,7 +183,7 @@ class VLUNetModel(VLUNetBaseModel, SRModel):
         """
         logger = get_root_logger()
         ckpt = load_published_state_dict(load_path, trust_pickle=bool(self.opt['path'].get('trust_pickle', False)),
-                                         param_key=param_key)
+                                         param_key=param_key, expect_keys=self.get_bare_model(net).state_dict().keys())
         if not ckpt.params:
             raise ValueError(f'{load_path}: holds no network weights (format {ckpt.source_format})')
         net = self.get_bare_model(net)

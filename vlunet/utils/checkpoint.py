@@ -15,6 +15,8 @@ format (``source_format``)  layout
                             (optionally also ``'params_ema'``)
 ``learnable_params``        VLU-Net's ``clip_tuned.pth`` (CLIP adapters only, no network)
 ``bare``                    a plain state_dict ``{'<key>': tensor}``
+``pickled-modules``         ``{'epoch': ..., '<name>': <a pickled nn.Module>, ...}``: read without importing or
+                            running the modules' classes (:mod:`vlunet.utils.pickled_modules`)
 ==========================  ==================================================================
 
 and returns the network's state_dict with the wrapper prefixes (``net.``, ``module.``)
@@ -66,11 +68,14 @@ class PublishedCheckpoint:
     source_format: one of the formats in this module's docstring.
     ignored: keys that were neither network nor adapter entries (e.g. the CLIP backbone copies of
         a VLU-Net Lightning checkpoint), reported so that nothing is dropped silently.
+    entries: for a file of several pickled modules, every module's state_dict by entry name (``params``
+        is one of them: see :func:`load_published_state_dict`).
     """
     params: 'OrderedDict[str, torch.Tensor]'
     clip_adapters: Optional[Dict[str, torch.Tensor]]
     source_format: str
     ignored: List[str] = field(default_factory=list)
+    entries: Dict[str, 'OrderedDict[str, torch.Tensor]'] = field(default_factory=dict)
 
 
 def _unsafe_globals(path: str, message: str) -> List[str]:
@@ -93,6 +98,9 @@ def _torch_load(path: str, trust_pickle: bool):
     except pickle.UnpicklingError as err:
         needed = [] if trust_pickle else _unsafe_globals(path, str(err))
         if needed:
+            modules = _read_pickled_modules(path)  # whole pickled modules: read without running their code
+            if modules is not None:
+                return modules
             raise CheckpointError(
                 f'{path}: this file holds Python objects besides tensors and plain containers (it references '
                 f'{", ".join(needed)}), so it can only be opened by full unpickling, which executes code stored '
@@ -102,6 +110,30 @@ def _torch_load(path: str, trust_pickle: bool):
     except Exception as err:  # noqa: BLE001  (zip/EOF/runtime errors of a damaged or foreign file)
         raise CheckpointError(f'{path}: not a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)}); '
                               f'expected {EXPECTED}') from None
+
+
+def _read_pickled_modules(path: str):
+    """The entries of a file of pickled ``nn.Module`` objects, modules as state_dicts, read without importing
+    or running their classes (:mod:`vlunet.utils.pickled_modules`); None when it holds no module."""
+    from vlunet.utils.pickled_modules import PickledModuleError, load_pickled_modules
+    try:
+        entries = load_pickled_modules(path)
+    except (PickledModuleError, pickle.UnpicklingError, RuntimeError, ValueError, EOFError):
+        return None
+    return entries if _module_entries(entries) else None
+
+
+def _module_entries(ckpt) -> Dict[str, 'OrderedDict[str, torch.Tensor]']:
+    """Entries of a loaded file that are networks: module objects (full unpickling) or the state_dicts the
+    pickled-module reader made of them."""
+    found = OrderedDict()
+    for key, value in ckpt.items():
+        if isinstance(value, torch.nn.Module):
+            value = value.state_dict()
+        if (isinstance(value, dict) and value and all(isinstance(k, str) for k in value)
+                and all(isinstance(v, torch.Tensor) for v in value.values())):
+            found[key] = OrderedDict(value)
+    return found
 
 
 def _first_line(err: Exception) -> str:
@@ -141,8 +173,8 @@ def _split_lightning(state_dict) -> Tuple['OrderedDict[str, torch.Tensor]', Dict
     return params, adapters, ignored
 
 
-def load_published_state_dict(path: str, trust_pickle: bool = False,
-                              param_key: Optional[str] = None) -> PublishedCheckpoint:
+def load_published_state_dict(path: str, trust_pickle: bool = False, param_key: Optional[str] = None,
+                              expect_keys=None) -> PublishedCheckpoint:
     """Read a published (or BasicSR) checkpoint; see the module docstring for the formats.
 
     Args:
@@ -150,6 +182,9 @@ def load_published_state_dict(path: str, trust_pickle: bool = False,
         trust_pickle: allow full unpickling (runs code from the file) when weights-only loading fails.
         param_key: for files with both ``params`` and ``params_ema``, which one to return
             (default: ``params``, as BasicSR's ``load_network``; falls back to the other one).
+        expect_keys: for a file of several pickled modules (``{'epoch', 'net': <module>, 'aux': <module>}``),
+            the keys of the network wanted: the entry with exactly these keys is ``params`` (default: the
+            largest entry; every entry is in ``entries``, the others are listed in ``ignored``).
 
     Raises:
         CheckpointError: the file is missing, not a checkpoint, needs unpickling without
@@ -189,6 +224,15 @@ def load_published_state_dict(path: str, trust_pickle: bool = False,
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         _check_tensors(path, 'the state_dict', ckpt)
         return PublishedCheckpoint(_strip_common_prefix(ckpt, MODULE_PREFIX), None, 'bare')
+
+    entries = _module_entries(ckpt)
+    if entries:  # whole modules saved by the trainer (e.g. {'epoch', 'net': <module>, ...})
+        entries = OrderedDict((k, _strip_common_prefix(v, MODULE_PREFIX)) for k, v in entries.items())
+        wanted = set(expect_keys) if expect_keys is not None else None
+        key = next((k for k, v in entries.items() if wanted is not None and set(v) == wanted), None)
+        if key is None:
+            key = max(entries, key=lambda k: sum(v.numel() for v in entries[k].values()))
+        return PublishedCheckpoint(entries[key], None, 'pickled-modules', [k for k in ckpt if k != key], entries)
 
     keys = ', '.join(repr(k) for k in list(ckpt)[:8]) + (' ...' if len(ckpt) > 8 else '')
     raise CheckpointError(f'{path}: unknown checkpoint layout (top-level keys: {keys or "none"}); expected {EXPECTED}')
