@@ -115,12 +115,15 @@ def _torch_load(path: str, trust_pickle: bool):
 def _read_pickled_modules(path: str):
     """The entries of a file of pickled ``nn.Module`` objects, modules as state_dicts, read without importing
     or running their classes (:mod:`vlunet.utils.pickled_modules`); None when it holds no module."""
-    from vlunet.utils.pickled_modules import PickledModuleError, load_pickled_modules
+    from vlunet.utils.pickled_modules import PickledModuleError, is_pickled_module, load_pickled_modules, read_pickled
     try:
-        entries = load_pickled_modules(path)
+        obj = read_pickled(path)
+        values = obj.values() if isinstance(obj, dict) else [obj]
+        if not any(is_pickled_module(v) for v in values):
+            return None  # other Python objects (e.g. hyper-parameters): only full unpickling, on request
+        return load_pickled_modules(path)
     except (PickledModuleError, pickle.UnpicklingError, RuntimeError, ValueError, EOFError):
         return None
-    return entries if _module_entries(entries) else None
 
 
 def _module_entries(ckpt) -> Dict[str, 'OrderedDict[str, torch.Tensor]']:
