@@ -382,7 +382,7 @@ def check_inputs_exist(argv, is_train):
         lines = '\n'.join(f'  {key}: {value}' for key, value in missing)
         hints = []
         if any('.dataroot' in key or key.endswith('meta_info_file') for key, _ in missing):
-            hints.append('Datasets: see "Preparing data" in the README (scripts/prepare_all_in_one.py).')
+            hints.append('Datasets: see "Preparing data" in the README (vlunet-prepare).')
         if any(key == 'network_clip.load_path' for key, _ in missing):
             hints.append("network_clip.load_path is the CLIP stage's output: train it first with a CLIPAdapterModel "
                          'option file (e.g. options/train/CLIPAdapter_demo.yml, CLIPAdapter_NHR.yml), or point it '

@@ -40,7 +40,7 @@ from basicsr.utils import FileClient, get_root_logger, img2tensor, scandir
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data as data
 
-from vlunet.data.degradations import NOISE_DEGRADATIONS, apply_degradation, get_degradation
+from vlunet.data.degradations import NOISE_DEGRADATIONS, apply_degradation, check_degradation
 from vlunet.utils.image_io import (DEFAULT_MAX_PIXELS, ImageReadError, ImageTooLargeError, decode_image, is_image_file,
                                    raw_to_bgr_float, unreadable_reason)
 
@@ -125,10 +125,10 @@ class _Source:
             raise DatasetError(f'{where} ({self.name}): give exactly one of "dataroot_lq" (paired data) '
                                'or "degradation" (synthesised from clean images)')
         if self.degradation is not None:
-            try:
-                get_degradation(dict(self.degradation).get('type'))
-            except KeyError as err:
-                raise DatasetError(f'{where}.degradation.type ({self.name}): {err.args[0]}') from None
+            try:  # every step of a composition, and the option names, before any image is read
+                check_degradation(self.degradation, f'{where}.degradation')
+            except (KeyError, ValueError, TypeError) as err:
+                raise DatasetError(f'{err.args[0]} (source {self.name})') from None
         self.io_opt = dict(opt.get('io_backend') or default_io)
         self.paired = lq_root is not None
         roots = {'gt': resolve_dataroot(gt_root)}
