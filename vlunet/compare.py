@@ -10,6 +10,11 @@ Averages are only ever taken over the same sets: a folder that lacks a validatio
 folder has is marked ``incomplete: missing SET`` and gets no average, and so does one whose
 ``metrics.json`` holds a NaN/inf or lacks a metric the others have (the cell shows it, a warning
 names the file, set and key).
+
+A folder measured on a test set that differs from the canonical one, or from the files the other
+folders measured, is marked ``‡`` with the set and the files that differ (from the fingerprints
+``vlunet-test`` records, :mod:`vlunet.metrics.fingerprint`); it is still averaged. The environment
+(package versions, device, precision, tiling) is printed under the table where it differs.
 """
 import argparse
 import csv
@@ -207,17 +212,25 @@ def _measured(metrics, sets, keys, where):
     return cells, missing, invalid
 
 
-def build_table(results, with_gmacs=True):
+def build_table(results, with_gmacs=True, sets=None, test_sets=None):
     """Rows (list of dicts) and the ordered list of validation-set names.
 
     A row is averaged only when it has every set of the table with finite numbers; otherwise its
-    ``average`` is ``(None, None)`` and ``note`` says why (``incomplete: missing SET``, or the
-    invalid value with its file)."""
-    sets = []
-    for r in results:
-        for name in r['metrics']:
-            if name not in sets:
-                sets.append(name)
+    ``average`` is ``(None, None)``, ``unaveraged`` lists why and ``note`` says it (``incomplete: missing
+    SET``, or the invalid value with its file). ``sets``: the sets of the table, in order (default: every
+    set of the folders, in the order met). ``test_sets``: :func:`check_test_sets` of the folders (default:
+    computed); a row measured on a differing test set gets ``test_set`` lines (in ``note`` too) and keeps
+    its average."""
+    if sets is None:
+        sets = []
+        for r in results:
+            for name in r['metrics']:
+                if name not in sets:
+                    sets.append(name)
+    else:
+        sets = list(sets)
+    if test_sets is None:
+        test_sets = check_test_sets(results)
 
     def expected(key):  # a metric is expected in a set when any folder has it there
         return {s: any(key in r['metrics'].get(s, {}) for r in results) for s in sets}
@@ -226,10 +239,11 @@ def build_table(results, with_gmacs=True):
     input_keys = [('input_psnr', expected('input_psnr')), ('input_ssim', expected('input_ssim'))]
     rows = []
     # the degraded inputs: each set from the first folder that has it (the inputs are the same for all)
-    first = {s: next(r['metrics'][s] for r in results if s in r['metrics']) for s in sets}
+    first = {s: next(r['metrics'][s] for r in results if s in r['metrics']) for s in sets
+             if any(s in r['metrics'] for r in results)}
     cells, missing, invalid = _measured(first, sets, input_keys, 'the first metrics.json holding the set')
     rows.append({'method': 'Input (degraded)', 'params_M': None, 'gmacs': None, **cells,
-                 'missing': missing, 'invalid': invalid})
+                 'missing': missing, 'invalid': invalid, 'test_set': [], 'dir': None})
     for r in results:
         model = r['model']
         gmacs = model.get('gmacs_256')
@@ -244,14 +258,17 @@ def build_table(results, with_gmacs=True):
             label = label[:-1] + f', {model["conditioning"]})'
         cells, missing, invalid = _measured(r['metrics'], sets, method_keys,
                                             os.path.join(r['dir'], 'metrics.json'))
+        differing = [f'{s}: {"; ".join(test_sets[(r["dir"], s)]["lines"])}' for s in sets
+                     if test_sets.get((r['dir'], s), {}).get('status') == 'differs']
         rows.append({'method': label, 'params_M': None if params is None else params / 1e6, 'gmacs': gmacs,
-                     **cells, 'missing': missing, 'invalid': invalid})
+                     **cells, 'missing': missing, 'invalid': invalid, 'test_set': differing, 'dir': r['dir']})
     for row in rows:
         notes = []
         if row['missing']:
             notes.append(f'incomplete: missing {", ".join(row["missing"])}')
         notes += [f'invalid: {p}' for p in row['invalid']]
-        row['note'] = '; '.join(notes)
+        row['unaveraged'] = notes
+        row['note'] = '; '.join(notes + [f'test set differs: {line}' for line in row['test_set']])
         if notes or not sets:
             row['average'] = (None, None)
             continue
@@ -259,6 +276,109 @@ def build_table(results, with_gmacs=True):
         row['average'] = (float(np.mean([row[s][0] for s in sets])),
                           float(np.mean(ssims)) if all(q is not None for q in ssims) else None)
     return rows, sets
+
+
+# ------------------------------------------------------------------------------------------------
+# test sets and environments
+# ------------------------------------------------------------------------------------------------
+def check_test_sets(results):
+    """``{(folder, set): {'status': 'matches' | 'differs' | 'unknown', 'lines': [...], 'check': ...}}``.
+
+    Each recorded fingerprint is checked against the canonical set (:func:`vlunet.metrics.fingerprint.
+    check_fingerprint`, with the package's current knowledge) and against the other folders: where
+    folders measured a set whose canonical content the package does not know on different files, those
+    that differ from the files most folders measured are marked, naming the files (all of them when no
+    majority exists)."""
+    from vlunet.metrics.fingerprint import canonical_for, check_fingerprint, fingerprint_differences
+    found = {}
+    by_set = {}
+    for r in results:
+        for set_name, entry in r['metrics'].items():
+            fp = entry.get('fingerprint') if isinstance(entry, dict) else None
+            check = check_fingerprint(set_name, fp)
+            lines = list(check['differences']) if check['status'] == 'differs' else []
+            found[(r['dir'], set_name)] = {'status': check['status'], 'lines': lines, 'check': check}
+            if fp and fp.get('hash'):
+                by_set.setdefault(set_name, []).append((r, fp))
+    for set_name, measured in by_set.items():
+        known = canonical_for(set_name, measured[0][1])
+        if known is not None and known.hash:
+            continue  # checked file by file against the canonical set already
+        groups = {}
+        for r, fp in measured:
+            groups.setdefault(fp['hash'], []).append((r, fp))
+        if len(groups) < 2:
+            continue
+        sizes = sorted((len(g) for g in groups.values()), reverse=True)
+        majority = next(h for h, g in groups.items() if len(g) == sizes[0]) if sizes[0] > sizes[1] else None
+        for digest, group in groups.items():
+            if digest == majority:
+                continue
+            for r, fp in group:
+                if majority is not None:
+                    ref_dirs = [other['dir'] for other, _ in groups[majority]]
+                    ref_fp = groups[majority][0][1]
+                    where = f'the files {", ".join(os.path.basename(os.path.normpath(d)) for d in ref_dirs)} measured'
+                    lines = [f'other files than {where}'] + fingerprint_differences(fp, ref_fp.get('files') or {},
+                                                                                     where)
+                else:
+                    lines = ['the folders measured this set on different files (no majority): '
+                             + ', '.join(f'{os.path.basename(os.path.normpath(o["dir"]))} {f["hash"][:12]}'
+                                         for o, f in measured)]
+                entry = found[(r['dir'], set_name)]
+                entry['status'] = 'differs'
+                entry['lines'] += [line for line in lines if line not in entry['lines']]
+    return found
+
+
+def describe_test_sets(results, sets, test_sets=None):
+    """Lines under the table: per set, its fingerprint and check; every folder that differs, and how."""
+    from vlunet.metrics.fingerprint import describe_fingerprint
+    test_sets = check_test_sets(results) if test_sets is None else test_sets
+    lines = []
+    for s in sets:
+        entries = [(r, test_sets[(r['dir'], s)]) for r in results if (r['dir'], s) in test_sets]
+        if not entries:
+            continue
+        check = entries[0][1]['check']
+        fps = {describe_fingerprint(r['metrics'][s].get('fingerprint')) for r, _ in entries}
+        canonical = check.get('canonical')
+        base = f'{s}: ' + ' | '.join(sorted(fps))
+        statuses = {e['status'] for _, e in entries}
+        if canonical and statuses == {'matches'}:
+            base += f' = the canonical {canonical} (checked: {check["checked"]})'
+        elif canonical:
+            base += f'; canonical {canonical} checked by {check["checked"]}'
+        else:
+            base += '; no canonical set known to check against'
+        lines.append(base + '.')
+        groups = {}
+        for r, entry in entries:
+            if entry['status'] == 'differs':
+                groups.setdefault(tuple(entry['lines']), []).append(r['name'])
+        for differences, names in groups.items():
+            lines.append(f'  ‡ {", ".join(names)}: {s} differs: ' + '; '.join(differences) + '.')
+    return lines
+
+
+def describe_environments(results):
+    """Lines: the environment the folders share, and each folder whose metric-relevant entries differ."""
+    from vlunet.metrics.environment import describe_environment, environment_differences
+    envs = []
+    for r in results:
+        recorded = [e.get('environment') for e in r['metrics'].values() if isinstance(e, dict)]
+        envs.append((r, next((e for e in recorded if e), None)))
+    if not envs:
+        return []
+    reference = envs[0][1]
+    lines = [f'Environment ({envs[0][0]["name"]}): {describe_environment(reference)}.']
+    for r, env in envs[1:]:
+        diffs = environment_differences(reference, env)
+        if diffs:
+            lines.append(f'  {r["name"]} differs: {"; ".join(diffs)}.')
+    if len(lines) == 1 and len(envs) > 1:
+        lines[0] = f'Environment (all folders): {describe_environment(reference)}.'
+    return lines
 
 
 def _cell(row, s):
@@ -271,10 +391,11 @@ def to_markdown(rows, sets):
     head = ['Method', 'Params (M)', f'GMACs@{GMAC_SIZE}'] + [f'{s} PSNR/SSIM' for s in sets] + ['Average']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for row in rows:
-        cells = [row['method'], _fmt(row['params_M'], 2), _fmt(row['gmacs'], 2)]
+        cells = [row['method'] + (' ‡' if row.get('test_set') else ''), _fmt(row['params_M'], 2),
+                 _fmt(row['gmacs'], 2)]
         cells += [_cell(row, s) for s in sets]
         average = f'{_fmt(row["average"][0], 2)} / {_fmt(row["average"][1], 4)}'
-        if row.get('note'):
+        if row.get('unaveraged'):
             average = 'not averaged (' + ('incomplete' if row['missing'] else 'invalid values') + ')'
         lines.append('| ' + ' | '.join(cells + [average]) + ' |')
     return '\n'.join(lines)
@@ -282,7 +403,8 @@ def to_markdown(rows, sets):
 
 def describe_unaveraged(rows):
     """Lines under the table naming each row that got no average, and why."""
-    lines = [f'Not averaged: {row["method"]}: {row["note"]}.' for row in rows if row.get('note')]
+    lines = [f'Not averaged: {row["method"]}: {"; ".join(row["unaveraged"])}.' for row in rows
+             if row.get('unaveraged')]
     if lines:
         lines.append('An average over other sets would not compare with the rest; re-run vlunet-test for the '
                      'missing sets, or compare only folders that share them.')
@@ -375,12 +497,20 @@ def main(argv=None):
     except ProtocolMismatch as err:
         print(f'error: {err}', file=sys.stderr)
         return 3
-    rows, sets = build_table(results, with_gmacs=not args.no_gmacs)
+    test_sets = check_test_sets(results)
+    rows, sets = build_table(results, with_gmacs=not args.no_gmacs, test_sets=test_sets)
     table = to_markdown(rows, sets)
     unaveraged = describe_unaveraged(rows)
     for line in unaveraged[:-1]:
         print(f'warning: {line}', file=sys.stderr)
+    for row in rows:
+        for line in row['test_set']:
+            print(f'warning: {row["method"]} measured a test set that differs: {line}', file=sys.stderr)
     notes = unaveraged + describe_protocols(protocols)
+    set_lines = describe_test_sets(results, sets, test_sets)
+    if set_lines:
+        notes.append('Test sets (‡: measured on files that differ):\n' + '\n'.join(set_lines))
+    notes += describe_environments(results)
     print(table + '\n\n' + '\n'.join(notes))
     os.makedirs(args.out, exist_ok=True)
     write_text_atomic(os.path.join(args.out, 'comparison.md'),

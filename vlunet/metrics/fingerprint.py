@@ -27,7 +27,6 @@ fingerprint of a folder and its check.
 """
 import argparse
 import hashlib
-import json
 import os
 import re
 import sys
