@@ -279,6 +279,8 @@ def _kwargs_from_state_dict(params):
 
 
 _TABLES = 'BaryIR paper Tables 1 and 2 = repository figure figs/5Dquant.png at af5cb9a, row BaryIR_Restormer'
+# how tester_bary.py measures (baryir_facts.md section 9): crop to a multiple of 8, PSNR/SSIM of the saved 8-bit PNGs
+_MEASURED = {'psnr': 'uint8', 'ssim': 'uint8_uniform7', 'crop': 'bottom/right crop to a multiple of 8'}
 # train.barycenter_opt of the published 3-task recipe (trainer_bary.py), as loss options next to an L1 of weight 1
 PUBLISHED_TERM = {
     'loss_weight': 1e-4, 'ortho_contrast_weight': 0.05, 'contrast_temperature': 0.07, 'contrast_eps': 0.0,
@@ -355,11 +357,12 @@ CARD = register_card(MethodCard(
         PublishedResults('NHR', 'BaryIR', {'SOTS_outdoor': (31.40, 0.980), 'Rain100L': (39.02, 0.985),
                                            'CBSD68_sigma15': (34.16, 0.935), 'CBSD68_sigma25': (31.54, 0.892),
                                            'CBSD68_sigma50': (28.25, 0.802)},
-                         source=_TABLES + ' (three degradations)', average=(32.86, 0.919)),
+                         source=_TABLES + ' (three degradations)', average=(32.86, 0.919),
+                         measurement=_MEASURED),
         PublishedResults('NHRBL', 'BaryIR', {'SOTS_outdoor': (31.20, 0.979), 'Rain100L': (38.10, 0.982),
                                              'CBSD68_sigma25': (31.43, 0.891), 'GoPro': (29.51, 0.889),
                                              'LOL': (23.37, 0.854)},
-                         source=_TABLES + ' (five degradations)', average=(30.72, 0.919)),
+                         source=_TABLES + ' (five degradations)', average=(30.72, 0.919), measurement=_MEASURED),
     ),
     aliases=('BaryNet',),  # the published class name (the fixtures' 'arch')
     reference=ReferenceCode('BaryNet', kwargs=lambda kw: ((), dict(kw, decoder=True)),

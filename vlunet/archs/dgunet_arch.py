@@ -259,6 +259,20 @@ DGUNET_CARD = register_card(MethodCard(
                                              'LOL': (21.87, 0.823)},
                          source='quoted alike in the VLU-Net, AdaIR, MoCE-IR (Table 2) and DFPIR five-task tables',
                          average=(28.32, 0.891), quoted_in='VLU-Net, AdaIR, MoCE-IR, DFPIR'),
+        PublishedResults('CDD11', 'DGUNet',
+                         {'CDD11_low': (26.03, 0.8030), 'CDD11_haze': (29.06, 0.9736), 'CDD11_rain': (32.06, 0.9474),
+                          'CDD11_snow': (32.10, 0.9579), 'CDD11_low_haze': (24.74, 0.8005),
+                          'CDD11_low_rain': (25.17, 0.7720), 'CDD11_low_snow': (24.83, 0.7627),
+                          'CDD11_haze_rain': (27.32, 0.9336), 'CDD11_haze_snow': (26.92, 0.9387),
+                          'CDD11_low_haze_rain': (24.19, 0.7653), 'CDD11_low_haze_snow': (23.72, 0.7600)},
+                         source="OneRestore's CDD-11 results: gy65896/OneRestore @ 23a2e6af066864dca013aeed7f6c6f5958aa"
+                                '7259, img_file/metrics_CDD-11_psnr_ssim.xlsx (sheets PSNR, SSIM; row 06_DGUNet; '
+                                'per-type means over the 200 test images, rounded to 2/4 decimals); average as printed '
+                                "in its README table (img_file/metric.png, 17.33M parameters); OneRestore's retraining "
+                                'on CDD-11 (recipe not published), measured by img_file/cal_psnr_ssim.py on the results '
+                                'saved as 8-bit PNG',
+                         average=(26.92, 0.8559), quoted_in='OneRestore (ECCV 2024)',
+                         measurement={'psnr': 'uint8', 'ssim': 'uint8_uniform7'}),
     ),
 ))
 DGUNET_PLUS_CARD = register_card(MethodCard(

@@ -82,8 +82,9 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (ChannelAttention, Downsample, FeedForward, GatedLinear, LayerNorm, NormLinear,
                                  OverlapPatchEmbed, Upsample, _flat, _pad_out_channels, channel_attention, crop_to,
                                  linear_map, pad_to_multiple, use_fused)
-from vlunet.archs.card import (CheckpointFormat, MethodCard, NetworkOutput, ReferenceCode, TrainingTerm, Variant,
-                               count_blocks, expansion_factor, layer_norm_type, lightning_layout, register_card)
+from vlunet.archs.card import (CheckpointFormat, MethodCard, NetworkOutput, PublishedResults, ReferenceCode,
+                               TrainingTerm, Variant, count_blocks, expansion_factor, layer_norm_type, lightning_layout,
+                               register_card)
 
 GATED_EXPANSION = 8 / 3      # hidden width of the gated CNN block: int(8/3 * c)
 DYNAMIC_KERNEL = 7           # per-sample depthwise kernel of the gated CNN block
@@ -499,10 +500,17 @@ CARD = register_card(MethodCard(
         'data': 'denoising x3 per sigma, Rain100L x120, SOTS-outdoor list x1 as shared; 5-task: GoPro x5 and LOL '
                 'x20 per epoch (shared x1); patch 128 as shared',
     },
-    # No published numbers recorded: the repository README has no results table and the per-task PSNR/SSIM
+    # No per-task numbers recorded: the repository README has no results table and the per-task PSNR/SSIM
     # are printed only in the paper's tables, which could not be read here; the teaser figure's bars
     # (assets/teaser.png) are too small to read reliably (about 32.9 dB 3-task / 30.7 dB 5-task averages).
-    results=(),
+    results=(
+        PublishedResults('CDD11', 'MIRAGE-S', {},
+                         source='MIRAGE paper (Ren et al., ICLR 2026, arXiv 2505.18679), CDD-11 average, as stated in '
+                                "this project's issue 22; not read in any source here (Amazingren/MIRAGE @ 926dc83 "
+                                "prints no numbers; its teaser figure's bar reads about 29.3 dB / 0.887); per-type "
+                                'values not printed anywhere read here',
+                         average=(29.33, 0.887), measurement={'ssim': 'float_uniform7'}),
+    ),
     # the small file for dim 30, the tiny file for dim 24 (each hard-codes its SPD reducer widths); they need einops
     # and timm (DropPath). DropPath draws on the global RNG in training: both implementations get the same draws
     reference=ReferenceCode('MIRAGE', stubs=('fvcore', 'fvcore.nn'), seed_forward=True),

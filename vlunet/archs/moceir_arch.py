@@ -598,6 +598,25 @@ CARD = register_card(MethodCard(
                (30.08, 0.913), 'Table 2'),
         _table('NHRBL', 'MoCE-IR', ((30.48, 0.974), (38.04, 0.982), (31.34, 0.887), (30.05, 0.899), (23.00, 0.852)),
                (30.58, 0.919), 'Table 2'),
+        # the tables as printed are also the repository figures assets/results_aio_3.png and results_aio_5.png at a1a6e74
+        PublishedResults('NHR', 'MoCE-IR', {'SOTS_outdoor': (31.34, 0.979), 'Rain100L': (38.57, 0.984),
+                                            'CBSD68_sigma15': (34.11, 0.932), 'CBSD68_sigma25': (31.45, 0.888),
+                                            'CBSD68_sigma50': (28.18, 0.800)},
+                         source='BaryIR (TPAMI 2026) Table 1, three degradations (repository figure figs/5Dquant.png '
+                                'at af5cb9a): as MoCE-IR prints it', average=(32.73, 0.917),
+                         quoted_in='BaryIR (TPAMI 2026)'),
+        PublishedResults('NHRBL', 'MoCE-IR', {'SOTS_outdoor': (30.48, 0.974), 'Rain100L': (38.04, 0.982),
+                                              'CBSD68_sigma25': (31.34, 0.887), 'GoPro': (30.05, 0.899),
+                                              'LOL': (23.00, 0.852)},
+                         source='BaryIR (TPAMI 2026) Table 2, five degradations (repository figure figs/5Dquant.png '
+                                "at af5cb9a): MoCE-IR's per-task values with the average printed as 30.25",
+                         average=(30.25, 0.919), quoted_in='BaryIR (TPAMI 2026)'),
+        # CDD-11: only the average could be sourced, and only second hand (per-type values are in the paper's table)
+        PublishedResults('CDD11', 'MoCE-IR-S', {},
+                         source='MoCE-IR paper (Zamfir et al., CVPR 2025, arXiv 2411.18466), CDD-11 table, as stated in '
+                                "this project's issue 22; not read in any source here (the repository at a1a6e74 "
+                                'prints no CDD-11 numbers); per-type values not printed anywhere read here',
+                         average=(29.05, 0.881), measurement={'ssim': 'float_gaussian'}),
     ),
     reference=ReferenceCode('MoCEIR', kwargs=_published_args, stubs=('fvcore', 'fvcore.nn'), seed_forward=True),
 ))

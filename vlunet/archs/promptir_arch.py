@@ -136,13 +136,39 @@ CARD = register_card(MethodCard(
         PublishedResults('NHR', 'PromptIR', {'SOTS_outdoor': (30.58, 0.974), 'Rain100L': (36.37, 0.972),
                                              'CBSD68_sigma15': (33.98, 0.933), 'CBSD68_sigma25': (31.31, 0.888),
                                              'CBSD68_sigma50': (28.06, 0.799)},
-                         source='PromptIR Table 1 (three tasks), quoted alike in the VLU-Net, AdaIR, MoCE-IR and '
-                                'DFPIR tables', average=(32.06, 0.913)),
+                         source='PromptIR Table 1 (three tasks; repository figure prompt-ir-results.png at 106159a), '
+                                'quoted alike in the VLU-Net, AdaIR, MoCE-IR and DFPIR tables', average=(32.06, 0.913)),
+        # PromptIR's own repository shows the three-task table only: its five-task numbers are other papers'
+        # retrainings, and they disagree (average 29.15 in VLU-Net's table, 29.72 in BaryIR's)
         PublishedResults('NHRBL', 'PromptIR', {'SOTS_outdoor': (26.54, 0.949), 'Rain100L': (36.37, 0.970),
                                                'CBSD68_sigma25': (31.47, 0.886), 'GoPro': (28.71, 0.881),
                                                'LOL': (22.68, 0.832)},
                          source="VLU-Net's five-task table (repository figure figures/5task.png)",
                          average=(29.15, 0.904), quoted_in='VLU-Net (CVPR 2025)'),
+        PublishedResults('NHR', 'PromptIR', {'SOTS_outdoor': (30.58, 0.974), 'Rain100L': (36.37, 0.972),
+                                             'CBSD68_sigma15': (33.97, 0.933), 'CBSD68_sigma25': (31.29, 0.888),
+                                             'CBSD68_sigma50': (28.06, 0.798)},
+                         source='BaryIR (TPAMI 2026) Table 1, three degradations (repository figure figs/5Dquant.png '
+                                'at af5cb9a)', average=(32.05, 0.913), quoted_in='BaryIR (TPAMI 2026)'),
+        PublishedResults('NHRBL', 'PromptIR', {'SOTS_outdoor': (30.41, 0.972), 'Rain100L': (36.17, 0.970),
+                                               'CBSD68_sigma25': (31.20, 0.885), 'GoPro': (27.93, 0.851),
+                                               'LOL': (22.89, 0.829)},
+                         source='BaryIR (TPAMI 2026) Table 2, five degradations (repository figure figs/5Dquant.png '
+                                'at af5cb9a)', average=(29.72, 0.901), quoted_in='BaryIR (TPAMI 2026)'),
+        PublishedResults('CDD11', 'PromptIR',
+                         {'CDD11_low': (26.32, 0.8054), 'CDD11_haze': (26.10, 0.9686), 'CDD11_rain': (31.56, 0.9463),
+                          'CDD11_snow': (31.53, 0.9595), 'CDD11_low_haze': (24.49, 0.7888),
+                          'CDD11_low_rain': (25.05, 0.7712), 'CDD11_low_snow': (24.51, 0.7610),
+                          'CDD11_haze_rain': (24.54, 0.9237), 'CDD11_haze_snow': (23.70, 0.9254),
+                          'CDD11_low_haze_rain': (23.74, 0.7523), 'CDD11_low_haze_snow': (23.33, 0.7468)},
+                         source="OneRestore's CDD-11 results: gy65896/OneRestore @ 23a2e6af066864dca013aeed7f6c6f5958aa"
+                                '7259, img_file/metrics_CDD-11_psnr_ssim.xlsx (sheets PSNR, SSIM; row 14_PromptIR; '
+                                'per-type means over the 200 test images, rounded to 2/4 decimals); average as printed '
+                                "in its README table (img_file/metric.png, which lists 38.45M parameters where the "
+                                "published network counts 35.59M); OneRestore's retraining on CDD-11 (recipe not "
+                                'published), measured by img_file/cal_psnr_ssim.py on the results saved as 8-bit PNG',
+                         average=(25.90, 0.8499), quoted_in='OneRestore (ECCV 2024)',
+                         measurement={'psnr': 'uint8', 'ssim': 'uint8_uniform7'}),
     ),
     reference=ReferenceCode('PromptIR', kwargs=lambda kw: ((), dict(kw))),
 ))
