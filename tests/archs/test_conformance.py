@@ -193,3 +193,49 @@ def test_every_name_of_every_card_resolves_to_it():
             assert found is card, (name, found.name)
             assert v.name == variant.name or v.options == variant.options
         assert get_card(card.name) is card and get_card(card.arch) is card
+
+
+def _terms_with_networks(card):
+    from basicsr.utils.registry import LOSS_REGISTRY
+    return [t for t in card.training_terms if callable(getattr(LOSS_REGISTRY.get(t.loss), 'after_network_step', None))]
+
+
+OWN_NETWORKS = [card for card in CARDS if _terms_with_networks(card)]
+
+
+def _tensors(state, prefix=''):
+    """The floating-point tensors of a nested state (dicts and lists), by path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state} if state.is_floating_point() else {}
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    found = {}
+    for key, value in items:
+        found.update(_tensors(value, f'{prefix}/{key}'))
+    return found
+
+
+@pytest.mark.parametrize('card', OWN_NETWORKS, ids=[c.arch for c in OWN_NETWORKS])
+def test_terms_with_networks_of_their_own_are_updated_saved_and_resumed(card, tmp_path):
+    import copy
+    torch.manual_seed(0)
+    model = build_model(_training_options(card, tmp_path))
+    g = torch.Generator().manual_seed(1)
+    batch = {'lq': torch.rand(2, 3, 32, 32, generator=g), 'gt': torch.rand(2, 3, 32, 32, generator=g),
+             'label': torch.tensor([0, 1])}
+    model.feed_data(batch)
+    model.optimize_parameters(1)
+    names = [t.key[:-len('_opt')] for t in _terms_with_networks(card)]
+    assert set(model.training_state_extras()['loss_terms']) == set(names)
+    before = {n: _tensors(copy.deepcopy(model.loss_terms[n].state_dict())) for n in names}
+    model.feed_data(batch)
+    model.optimize_parameters(2)
+    for n in names:  # the term's own networks moved in the second step
+        after = _tensors(model.loss_terms[n].state_dict())
+        assert before[n] and any(not torch.equal(v, after[k]) for k, v in before[n].items()), n
+    again = build_model(_training_options(card, tmp_path))
+    again.resume_training({'optimizers': [o.state_dict() for o in model.optimizers],
+                           'schedulers': [s.state_dict() for s in model.schedulers],
+                           **model.training_state_extras()})
+    for n in names:
+        want, got = _tensors(model.loss_terms[n].state_dict()), _tensors(again.loss_terms[n].state_dict())
+        assert want.keys() == got.keys() and all(torch.equal(v, got[k]) for k, v in want.items()), n

@@ -292,18 +292,38 @@ class VLUNetModel(VLUNetBaseModel, SRModel):
         del self._outputs
         if self.train_step.skipped:
             loss_dict['skipped_steps'] = torch.tensor(float(self.train_step.skipped), device=self.device)
+        if stepped:  # terms that train networks of their own (e.g. potentials) update them now
+            for term in self.loss_terms.values():
+                after = getattr(term, 'after_network_step', None)
+                if callable(after):
+                    values = after(self._forward_output, self.lq, self.gt, self.label)
+                    loss_dict.update((k, torch.as_tensor(v, dtype=torch.float32, device=self.device))
+                                     for k, v in (values or {}).items())
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if stepped and self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
 
+    def _forward_output(self, lq, label=None):
+        """The :class:`NetworkOutput` of the bare ``network_g`` on ``lq`` (for terms updating their own networks)."""
+        net = self.get_bare_model(self.net_g)
+        return self.card.read_output(net, self.run_network(net, lq, self.network_input(lq, label)))
+
     def training_state_extras(self):
-        """Saved in the training state beside optimizers and schedulers (fp16 gradient scaler)."""
-        return {'train_step': self.train_step.state_dict()} if hasattr(self, 'train_step') else {}
+        """Saved in the training state beside optimizers and schedulers: the fp16 gradient scaler and the
+        state of loss terms that train networks of their own."""
+        if not hasattr(self, 'train_step'):
+            return {}
+        terms = {name: term.state_dict() for name, term in self.loss_terms.items()
+                 if callable(getattr(term, 'after_network_step', None))}
+        return {'train_step': self.train_step.state_dict(), **({'loss_terms': terms} if terms else {})}
 
     def resume_training(self, resume_state):
         super().resume_training(resume_state)
         if hasattr(self, 'train_step'):
             self.train_step.load_state_dict(resume_state.get('train_step') or {})
+            for name, state in (resume_state.get('loss_terms') or {}).items():
+                if name in self.loss_terms:
+                    self.loss_terms[name].load_state_dict(state)
 
     def get_bare_model(self, net):
         """The network inside DataParallel / DDP / ``torch.compile`` wrappers (checkpoints keep its keys)."""
