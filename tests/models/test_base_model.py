@@ -1,5 +1,5 @@
 """vlunet's model base class: any torch optimizer, the warm-up + cosine scheduler following the
-training length, BasicSR's own schedulers kept (checkpoint saving: tests/test_resume.py, test_atomic_io.py)."""
+training length, BasicSR's own schedulers kept (checkpoint saving: tests/test_resume.py, tests/utils/test_atomic_and_image_io.py)."""
 import math
 
 import pytest

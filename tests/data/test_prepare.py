@@ -13,7 +13,7 @@ import yaml
 
 from vlunet.data import prepare
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO  # noqa: E402
 SCRIPT = os.path.join(REPO, 'scripts', 'prepare_all_in_one.py')
 
 

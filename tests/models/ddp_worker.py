@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under ``torch.distributed.run --nproc_per_node=2`` (CPU, gloo).
+"""Run by tests/models/test_distributed.py under ``torch.distributed.run --nproc_per_node=2`` (CPU, gloo).
 
 1. Trainable tensors stay identical across ranks: VLUNetModel with its CLIP adapters trained
    alongside (``clip_opt``) and a learnable temperature, ranks initialised with different seeds,
