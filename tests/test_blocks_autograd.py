@@ -1,5 +1,6 @@
 """The fused autograd Functions of the shared blocks: gradients (float64 gradcheck), same values and
-gradients as the plain autograd formulation, any memory format, autocast and torch.compile."""
+gradients as the plain autograd formulation, any memory format, autocast and torch.compile (the
+precision checks under bf16/fp16 autocast are in tests/archs/test_blocks_amp.py)."""
 import os
 
 import pytest
@@ -111,7 +112,7 @@ def test_gated_linear_ignores_padding_channels():
 
 
 def _plain(fn):
-    """Run fn on the plain autograd path (the blocks take it under autocast; here: forced)."""
+    """Run fn on the plain autograd path (the published formulation; forced here)."""
     import vlunet.archs.blocks as blocks
     saved = blocks.use_fused
     blocks.use_fused = lambda x: False

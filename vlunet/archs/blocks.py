@@ -21,10 +21,18 @@ transformer block and keep only what their backward cannot cheaply recompute:
 * :class:`GatedLinear` -- GDFN's ``project_out(gelu(a) * b)`` plus the residual; keeps a and b
   and recomputes the gate in the backward pass.
 
-Under autocast the blocks take the plain autograd path (the published formulation). Every
-Function is first-order differentiable (``once_differentiable``); float64 results equal the
-plain path to rounding.
+Mixed precision. Under autocast (bfloat16 or float16, any device) the Functions keep the
+activations they save in the autocast dtype and run their matrix products and depthwise
+convolutions in it, as autocast would; the reductions (LayerNorm statistics, the L2 norms of q
+and k), the small attention matrices and the softmax are computed in float32; results come out
+in the dtype the plain formulation gives under autocast (see :func:`compute_dtypes`). So mixed
+precision and the fused path combine: the saved activations are both fewer and half as wide.
+
+Every Function is first-order differentiable (``once_differentiable``); float64 results equal
+the plain path to rounding.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,10 +44,55 @@ LN_EPS = 1e-5
 NORM_EPS = 1e-12  # F.normalize's eps
 
 
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+_AUTOCAST_DEVICES = tuple(d for d in ('cpu', 'cuda', 'xpu', 'mps', 'hpu') if torch.amp.is_autocast_available(d))
+# devices whose native_layer_norm takes float32 affine weights with reduced-precision rows (and then returns
+# float32 statistics); elsewhere the weights are cast to the rows' dtype (see _layer_norm_rows)
+_MIXED_AFFINE_DEVICES = ('cpu', )
+
+
 def use_fused(x):
-    """True where the custom Functions apply: not under autocast (which keeps the plain path)."""
+    """True where the custom Functions apply: every device but meta (autocast included)."""
+    return x.device.type != 'meta'
+
+
+def compute_dtypes(x):
+    """``(act, acc)``: the dtypes in which the fused Functions compute for an input like ``x``.
+
+    Under autocast on x's device (x not float64, which autocast leaves alone): ``act`` is the
+    autocast dtype, in which activations are kept, saved, multiplied and convolved (as autocast
+    runs matrix products and convolutions), and ``acc`` is float32, in which the reductions
+    (LayerNorm statistics, the L2 norms of q and k), the C/heads x C/heads attention matrices and
+    the softmax are computed. A bfloat16/float16 x without autocast: the same with x's dtype.
+    Otherwise x's dtype for both (the float32/float64 path).
+    """
     device = x.device.type
-    return device != 'meta' and not torch.is_autocast_enabled(device)
+    low = None
+    if x.dtype != torch.float64 and device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+    elif x.dtype in REDUCED_DTYPES:
+        low = x.dtype
+    return (x.dtype, x.dtype) if low is None else (low, torch.float32)
+
+
+def _no_autocast(device_type):
+    """The Functions cast explicitly: autocast is off inside their forward and backward passes."""
+    if device_type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _narrow(t, dtype):
+    """``t`` (float32 or wider) in ``dtype``, clamped to its finite range (so that the ~1/eps gradient of an
+    all-zero query channel, as F.normalize's clamp gives it, stays finite in float16)."""
+    if t.dtype == dtype:
+        return t
+    top = torch.finfo(dtype).max
+    return t.clamp(-top, top).to(dtype)
 
 
 def to_rows(x):
@@ -113,21 +166,63 @@ class LayerNorm(nn.Module):
         return out.permute(0, 3, 1, 2)
 
 
+def _layer_norm_affine(rows, norm_weight, norm_bias, acc):
+    """The LayerNorm affine weights as ``native_layer_norm`` takes them with these rows (see _MIXED_AFFINE_DEVICES)."""
+    if rows.dtype == acc or rows.device.type in _MIXED_AFFINE_DEVICES:
+        return _cast(norm_weight, acc), _cast(norm_bias, acc)
+    return _cast(norm_weight, rows.dtype), _cast(norm_bias, rows.dtype)
+
+
+def _layer_norm_rows(rows, norm_weight, norm_bias, acc):
+    """``(normed, mean, rstd, native)``: WithBias LayerNorm of (M, C) pixel rows; ``normed`` in the rows'
+    dtype, the per-row ``mean``/``rstd`` in ``acc``. ``native``: computed by ``native_layer_norm`` (its
+    backward applies); False where that kernel returns statistics in reduced precision on this device,
+    and they were computed here in ``acc`` instead (see :func:`_layer_norm_rows_backward`)."""
+    c = rows.shape[1]
+    normed, mean, rstd = torch.native_layer_norm(rows, [c], *_layer_norm_affine(rows, norm_weight, norm_bias, acc),
+                                                 LN_EPS)
+    if mean.dtype == acc:
+        return normed, mean, rstd, True
+    wide = rows.to(acc)
+    var, mean = torch.var_mean(wide, 1, correction=0)
+    rstd = (var + LN_EPS).rsqrt_()
+    normed = wide.sub_(mean[:, None]).mul_(rstd[:, None]).mul_(norm_weight.to(acc))
+    if norm_bias is not None:
+        normed.add_(norm_bias.to(acc))
+    return normed.to(rows.dtype), mean, rstd, False
+
+
+def _layer_norm_rows_backward(grad, rows, mean, rstd, norm_weight, norm_bias, native):
+    """The rows' gradient (in their dtype) of :func:`_layer_norm_rows` for the output gradient ``grad``."""
+    c, acc = rows.shape[1], mean.dtype
+    if native:
+        affine = _layer_norm_affine(rows, norm_weight, norm_bias, acc)
+        return torch.ops.aten.native_layer_norm_backward(grad, rows, [c], mean, rstd, *affine, [True, False, False])[0]
+    xhat = rows.to(acc).sub_(mean[:, None]).mul_(rstd[:, None])
+    gx = grad.to(acc).mul_(norm_weight.to(acc))
+    proj = (gx * xhat).mean(1, keepdim=True)
+    return gx.sub_(gx.mean(1, keepdim=True)).sub_(xhat.mul_(proj)).mul_(rstd[:, None]).to(rows.dtype)
+
+
 class NormLinear(torch.autograd.Function):
     """``conv1x1(LayerNorm_WithBias(x))`` keeping x and per-pixel mean/rstd (not the normalised map).
 
     ``apply(x, norm_weight, norm_bias, weight, bias)``: x (B, C, H, W); weight (C_out, C); bias
-    (C_out,) or None. Returns (B, C_out, H, W) in channels_last.
+    (C_out,) or None. Returns (B, C_out, H, W) in channels_last. Under autocast (see
+    :func:`compute_dtypes`): x is kept in the autocast dtype (a copy if it is wider), the
+    statistics in float32, the result in the autocast dtype (as the 1x1 convolution gives it).
     """
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, weight, bias):
         b, c, h, w = x.shape
-        rows = to_rows(x)
-        normed, mean, rstd = torch.native_layer_norm(rows, [c], norm_weight, norm_bias, LN_EPS)
-        out = F.linear(normed, weight, bias)
+        act, acc = compute_dtypes(x)
+        with _no_autocast(x.device.type):
+            x = x.to(act)
+            normed, mean, rstd, native = _layer_norm_rows(to_rows(x), norm_weight, norm_bias, acc)
+            out = F.linear(normed, weight.to(act), _cast(bias, act))
         ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.native = bias is not None, native
         return from_rows(out, b, h, w)
 
     @staticmethod
@@ -135,20 +230,33 @@ class NormLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
         b, c, h, w = x.shape
-        rows, g = to_rows(x), to_rows(grad)
+        act, acc = x.dtype, mean.dtype
         need_x, need_nw, need_nb, need_w, need_b = ctx.needs_input_grad
         grad_x = grad_nw = grad_nb = grad_w = grad_b = None
-        if need_w:
-            normed = torch.native_layer_norm(rows, [c], norm_weight, norm_bias, LN_EPS)[0]
-            grad_w = g.t().mm(normed)
-            del normed
-        if need_b and ctx.has_bias:
-            grad_b = g.sum(0)
-        if need_x or need_nw or need_nb:
-            grad_normed = g.mm(weight)
-            grad_rows, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
-                grad_normed, rows, [c], mean, rstd, norm_weight, norm_bias, [need_x, need_nw, need_nb])
-            grad_x = from_rows(grad_rows, b, h, w) if need_x else None
+        with _no_autocast(x.device.type):
+            rows, g = to_rows(x), to_rows(grad.to(act))
+            # with xhat the normalised rows (normed = xhat * nw + nb): the weight gradients are sums over the
+            # pixels of products with g, taken from the small matrix g^T xhat and the column sums of g (and
+            # so accumulated in ``acc`` also where g and xhat are in a reduced precision)
+            if need_w or need_nw:
+                xhat = torch.native_layer_norm(rows, [c], None, None, LN_EPS)[0]
+                gx = g.t().mm(xhat).to(acc)  # (C_out, C)
+                del xhat
+            g_sum = g.sum(0, dtype=acc) if need_w or need_b or need_nb else None
+            if need_w:
+                grad_w = gx * norm_weight.to(acc)
+                if norm_bias is not None:
+                    grad_w.addr_(g_sum, norm_bias.to(acc))
+            if need_b and ctx.has_bias:
+                grad_b = g_sum
+            if need_nw:
+                grad_nw = (gx * weight.to(acc)).sum(0)
+            if need_nb:
+                grad_nb = g_sum @ weight.to(acc)
+            if need_x:
+                grad_rows = _layer_norm_rows_backward(g.mm(weight.to(act)), rows, mean, rstd, norm_weight, norm_bias,
+                                                      ctx.native)
+                grad_x = from_rows(grad_rows, b, h, w)
         return grad_x, grad_nw, grad_nb, grad_w, grad_b
 
 
@@ -211,46 +319,91 @@ def _split_qkv(src, k_src):
     return rows[..., :c], _batched_rows(k_src), rows[..., c:]
 
 
+def _result_dtype(act, residual, out_dtype):
+    """The dtype of a Function's result: ``out_dtype`` if given, else ``act`` promoted with the residual's
+    (the plain formulation adds the residual to the projection's result)."""
+    if out_dtype is not None:
+        return out_dtype
+    return act if residual is None else torch.promote_types(act, residual.dtype)
+
+
+def _add_residual(out, residual_rows, beta=1.0, bias=None):
+    """``out + beta * residual (+ bias)`` for rows ``out`` and ``residual_rows`` of the same shape (or None);
+    the result in the dtype of ``out`` promoted with the residual's."""
+    if residual_rows is not None:
+        out = torch.add(out, residual_rows, alpha=beta)
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def _head_grams(a, b, heads):
+    """(B, heads, c, c): ``a_h^T b_h`` for each head h of (B, N, heads * c) rows."""
+    c = a.shape[-1] // heads
+    return torch.stack([torch.bmm(a[..., i * c:(i + 1) * c].transpose(1, 2), b[..., i * c:(i + 1) * c])
+                        for i in range(heads)], 1)
+
+
 class ChannelAttention(torch.autograd.Function):
     """``beta * residual + project_out(channel_attention(q, k, v)) (+ bias)`` in one Function.
 
-    ``apply(src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta, keep=None)``:
-    ``src`` goes through the depthwise convolution (``dw_weight``, ``dw_bias``; skipped if
-    ``dw_weight`` is None). With ``k_src`` None, that gives the (B, 3C, H, W) qkv map (q, k, v = its
-    thirds); otherwise the (B, 2C, H, W) qv map, ``k_src`` being the (B, C, H, W) keys. ``weight``
-    (C_out, C) is the output 1x1 projection, ``bias`` (C_out,) or None, ``residual`` (B, C_out, H, W)
-    or None, ``beta`` a number, ``keep`` None or the number of largest scores of every row that the
-    softmax keeps (:func:`keep_largest`; the others get zero weight and zero gradient). Returns
-    (B, C_out, H, W) in channels_last.
+    ``apply(src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta, keep=None,
+    out_dtype=None)``: ``src`` goes through the depthwise convolution (``dw_weight``, ``dw_bias``;
+    skipped if ``dw_weight`` is None). With ``k_src`` None, that gives the (B, 3C, H, W) qkv map (q,
+    k, v = its thirds); otherwise the (B, 2C, H, W) qv map, ``k_src`` being the (B, C, H, W) keys.
+    ``weight`` (C_out, C) is the output 1x1 projection, ``bias`` (C_out,) or None, ``residual`` (B,
+    C_out, H, W) or None, ``beta`` a number, ``keep`` None or the number of largest scores of every
+    row that the softmax keeps (:func:`keep_largest`; the others get zero weight and zero gradient).
+    Returns (B, C_out, H, W) in channels_last, in ``out_dtype`` if given (the plain formulation's
+    dtype under autocast when a scale tensor multiplies the projection), else in the compute dtype
+    promoted with the residual's.
 
     Forward: per head, ``S = t * (q^T k) / (|q| |k|^T)`` (C/heads square), ``P = softmax(S)``; then
     ``out = v @ M`` with ``M = blockdiag(P^T) @ W^T`` (C x C_out per image). Saved: the inputs, P,
     S/t, the norms and M (all small but the inputs); the depthwise convolution is recomputed in
-    the backward pass.
+    the backward pass. Under autocast (:func:`compute_dtypes`) the inputs are saved in the autocast
+    dtype; q and k are normalised before their product (no overflow in float16), and S, P, M and
+    the norms are float32.
     """
 
     @staticmethod
-    def forward(ctx, src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta, keep=None):
+    def forward(ctx, src, dw_weight, dw_bias, k_src, temperature, weight, bias, residual, heads, beta, keep=None,
+                out_dtype=None):
         b, _, h, w = src.shape
-        qkv = src if dw_weight is None else _dwconv(src, dw_weight, dw_bias)
-        q, k, v = _split_qkv(qkv, k_src)
-        c_all, c_out = q.shape[-1], weight.shape[0]
-        c = c_all // heads
-        q_norm = q.square().sum(1).sqrt_()  # (B, C)
-        k_norm = k.square().sum(1).sqrt_()
-        gram = torch.stack([torch.bmm(q[..., i * c:(i + 1) * c].transpose(1, 2), k[..., i * c:(i + 1) * c])
-                            for i in range(heads)], 1)  # (B, heads, c, c)
-        denom = q_norm.clamp_min(NORM_EPS).view(b, heads, c, 1) * k_norm.clamp_min(NORM_EPS).view(b, heads, 1, c)
-        cosine = gram.div_(denom)
-        attn = torch.softmax(keep_largest(cosine * temperature, keep), dim=-1)
-        w_heads = weight.view(c_out, heads, c).permute(1, 2, 0)  # (heads, c, C_out)
-        mix = torch.matmul(attn.transpose(-1, -2), w_heads).reshape(b, c_all, c_out)
-        if residual is None:
-            out = torch.bmm(v, mix)
-        else:
-            out = torch.baddbmm(_batched_rows(residual), v, mix, beta=beta)
-        if bias is not None:
-            out.add_(bias)
+        act, acc = compute_dtypes(src)
+        out_dtype = _result_dtype(act, residual, out_dtype)
+        with _no_autocast(src.device.type):
+            src, k_src = src.to(act), _cast(k_src, act)
+            qkv = src if dw_weight is None else _dwconv(src, dw_weight.to(act), _cast(dw_bias, act))
+            q, k, v = _split_qkv(qkv, k_src)
+            c_all, c_out = q.shape[-1], weight.shape[0]
+            c = c_all // heads
+            if act == acc:
+                q_norm = q.square().sum(1).sqrt_()  # (B, C)
+                k_norm = k.square().sum(1).sqrt_()
+                gram = _head_grams(q, k, heads)  # (B, heads, c, c)
+                denom = (q_norm.clamp_min(NORM_EPS).view(b, heads, c, 1)
+                         * k_norm.clamp_min(NORM_EPS).view(b, heads, 1, c))
+                cosine = gram.div_(denom)
+            else:  # as F.normalize under autocast: norms in float32, then the product of the unit vectors
+                q_norm = torch.sum(q.square(), 1, dtype=acc).sqrt_()
+                k_norm = torch.sum(k.square(), 1, dtype=acc).sqrt_()
+                # q / |q| rounded once (the float32 reciprocal is not rounded first: that would scale whole rows)
+                qn, kn = q.new_empty(q.shape), k.new_empty(k.shape)
+                _into(qn, torch.mul, q, q_norm.clamp_min(NORM_EPS).reciprocal().unsqueeze(1))
+                _into(kn, torch.mul, k, k_norm.clamp_min(NORM_EPS).reciprocal().unsqueeze(1))
+                cosine = _head_grams(qn, kn, heads).to(acc)
+                del qn, kn
+            attn = torch.softmax(keep_largest(cosine * temperature.to(acc), keep), dim=-1)
+            w_heads = weight.to(acc).view(c_out, heads, c).permute(1, 2, 0)  # (heads, c, C_out)
+            mix = torch.matmul(attn.transpose(-1, -2), w_heads).reshape(b, c_all, c_out)
+            if residual is not None and residual.dtype == act == out_dtype:
+                out = torch.baddbmm(_batched_rows(residual), v, mix.to(act), beta=beta)
+                if bias is not None:
+                    out.add_(bias)
+            else:
+                out = _add_residual(torch.bmm(v, mix.to(act)).to(out_dtype),
+                                    None if residual is None else _batched_rows(residual), beta, bias)
         ctx.save_for_backward(src, dw_weight, dw_bias, k_src, temperature, weight, attn, cosine, q_norm, k_norm, mix)
         ctx.heads, ctx.beta = heads, beta
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
@@ -263,59 +416,65 @@ class ChannelAttention(torch.autograd.Function):
         need_src, need_dw_w, need_dw_b, need_k, need_t, need_w, need_b, need_res = ctx.needs_input_grad[:8]
         heads = ctx.heads
         b, c_src, h, w = src.shape
-        qkv = src if dw_weight is None else _dwconv(src, dw_weight, dw_bias)
-        q, k, v = _split_qkv(qkv, k_src)
-        c_all, c_out = q.shape[-1], weight.shape[0]
-        c = c_all // heads
-        g = _batched_rows(grad)  # (B, N, C_out)
+        act, acc = src.dtype, attn.dtype
+        nones = (None, ) * 4  # heads, beta, keep, out_dtype
+        with _no_autocast(src.device.type):
+            dw_w, dw_b = _cast(dw_weight, act), _cast(dw_bias, act)
+            qkv = src if dw_weight is None else _dwconv(src, dw_w, dw_b)
+            q, k, v = _split_qkv(qkv, k_src)
+            c_all, c_out = q.shape[-1], weight.shape[0]
+            c = c_all // heads
+            g = _batched_rows(grad)  # (B, N, C_out)
+            g_act = g.to(act)
 
-        # out = v @ mix
-        grad_mix = torch.bmm(v.transpose(1, 2), g).view(b, heads, c, c_out)  # (B, heads, c_j, C_out)
-        w_heads = weight.view(c_out, heads, c).permute(1, 2, 0)
-        grad_w = grad_b = grad_res = None
-        if need_w:
-            grad_w = torch.matmul(attn, grad_mix).sum(0).permute(2, 0, 1).reshape(c_out, c_all)
-        if need_b and ctx.has_bias:
-            grad_b = g.sum((0, 1))
-        if need_res and ctx.has_residual:
-            grad_res = grad if ctx.beta == 1 else grad * ctx.beta
-        # mix = blockdiag(attn^T) @ W^T -> attn; softmax; temperature
-        grad_attn = torch.matmul(w_heads, grad_mix.transpose(-1, -2))  # (B, heads, c_i, c_j)
-        grad_s = attn * (grad_attn - (grad_attn * attn).sum(-1, keepdim=True))
-        grad_t = (grad_s * cosine).sum((0, 2, 3)).view_as(temperature) if need_t else None
-        grad_cos = grad_s.mul_(temperature)
-        if not (need_src or need_dw_w or need_dw_b or need_k):
-            return None, None, None, None, grad_t, grad_w, grad_b, grad_res, None, None, None
+            # out = v @ mix
+            grad_mix = torch.bmm(v.transpose(1, 2), g_act).view(b, heads, c, c_out).to(acc)  # (B, heads, c_j, C_out)
+            w_heads = weight.to(acc).view(c_out, heads, c).permute(1, 2, 0)
+            grad_w = grad_b = grad_res = None
+            if need_w:
+                grad_w = torch.matmul(attn, grad_mix).sum(0).permute(2, 0, 1).reshape(c_out, c_all)
+            if need_b and ctx.has_bias:
+                grad_b = g.sum((0, 1), dtype=acc)
+            if need_res and ctx.has_residual:
+                grad_res = grad if ctx.beta == 1 else grad * ctx.beta
+            # mix = blockdiag(attn^T) @ W^T -> attn; softmax; temperature
+            grad_attn = torch.matmul(w_heads, grad_mix.transpose(-1, -2))  # (B, heads, c_i, c_j)
+            grad_s = attn * (grad_attn - (grad_attn * attn).sum(-1, keepdim=True))
+            grad_t = (grad_s * cosine).sum((0, 2, 3)).view_as(temperature) if need_t else None
+            grad_cos = grad_s.mul_(temperature.to(acc))
+            if not (need_src or need_dw_w or need_dw_b or need_k):
+                return (None, None, None, None, grad_t, grad_w, grad_b, grad_res) + nones
 
-        # cosine = (q^T k) / (|q| |k|^T) with F.normalize's clamp of the norms at eps
-        dq, dk = q_norm.clamp_min(NORM_EPS), k_norm.clamp_min(NORM_EPS)
-        scaled = grad_cos / (dq.view(b, heads, c, 1) * dk.view(b, heads, 1, c))  # d/d(q^T k)
-        gc = grad_cos * cosine
-        coef_q = torch.where(q_norm > NORM_EPS, gc.sum(-1).view(b, c_all) / dq.square(), 0).unsqueeze(1)
-        coef_k = torch.where(k_norm > NORM_EPS, gc.sum(-2).view(b, c_all) / dk.square(), 0).unsqueeze(1)
+            # cosine = (q^T k) / (|q| |k|^T) with F.normalize's clamp of the norms at eps
+            dq, dk = q_norm.clamp_min(NORM_EPS), k_norm.clamp_min(NORM_EPS)
+            scaled = _narrow(grad_cos / (dq.view(b, heads, c, 1) * dk.view(b, heads, 1, c)), act)  # d/d(q^T k)
+            gc = grad_cos * cosine
+            coef_q = torch.where(q_norm > NORM_EPS, gc.sum(-1).view(b, c_all) / dq.square(), 0).unsqueeze(1)
+            coef_k = torch.where(k_norm > NORM_EPS, gc.sum(-2).view(b, c_all) / dk.square(), 0).unsqueeze(1)
 
-        grad_rows = q.new_empty(b, h * w, c_src)
-        grad_qkv = from_rows(grad_rows, b, h, w)
-        if k_src is None:
-            grad_q, grad_k, grad_v = grad_rows[..., :c_all], grad_rows[..., c_all:2 * c_all], grad_rows[..., 2 * c_all:]
-            grad_k_src = None
-        else:
-            grad_q, grad_v = grad_rows[..., :c_all], grad_rows[..., c_all:]
-            grad_k = q.new_empty(b, h * w, c_all)
-            grad_k_src = from_rows(grad_k, b, h, w)
-        _into(grad_q, torch.mul, q, coef_q.neg_())
-        _into(grad_k, torch.mul, k, coef_k.neg_())
-        for i in range(heads):
-            sl = slice(i * c, (i + 1) * c)
-            grad_q[..., sl].baddbmm_(k[..., sl], scaled[:, i].transpose(1, 2))
-            grad_k[..., sl].baddbmm_(q[..., sl], scaled[:, i])
-        _into(grad_v, torch.bmm, g, mix.transpose(1, 2))
-        del qkv, q, k, v
-        if dw_weight is None:
-            return grad_qkv, None, None, grad_k_src, grad_t, grad_w, grad_b, grad_res, None, None, None
-        grad_src, grad_dw_w, grad_dw_b = _dwconv_backward(grad_qkv, src, dw_weight, dw_bias is not None, need_src,
-                                                          need_dw_w, need_dw_b)
-        return grad_src, grad_dw_w, grad_dw_b, grad_k_src, grad_t, grad_w, grad_b, grad_res, None, None, None
+            grad_rows = q.new_empty(b, h * w, c_src)
+            grad_qkv = from_rows(grad_rows, b, h, w)
+            if k_src is None:
+                grad_q, grad_k, grad_v = (grad_rows[..., :c_all], grad_rows[..., c_all:2 * c_all],
+                                          grad_rows[..., 2 * c_all:])
+                grad_k_src = None
+            else:
+                grad_q, grad_v = grad_rows[..., :c_all], grad_rows[..., c_all:]
+                grad_k = q.new_empty(b, h * w, c_all)
+                grad_k_src = from_rows(grad_k, b, h, w)
+            _into(grad_q, torch.mul, q, coef_q.neg_())  # (computed in acc, rounded once into act)
+            _into(grad_k, torch.mul, k, coef_k.neg_())
+            for i in range(heads):
+                sl = slice(i * c, (i + 1) * c)
+                grad_q[..., sl].baddbmm_(k[..., sl], scaled[:, i].transpose(1, 2))
+                grad_k[..., sl].baddbmm_(q[..., sl], scaled[:, i])
+            _into(grad_v, torch.bmm, g_act, mix.to(act).transpose(1, 2))
+            del qkv, q, k, v, g_act
+            if dw_weight is None:
+                return (grad_qkv, None, None, grad_k_src, grad_t, grad_w, grad_b, grad_res) + nones
+            grad_src, grad_dw_w, grad_dw_b = _dwconv_backward(grad_qkv, src, dw_w, dw_bias is not None, need_src,
+                                                              need_dw_w, need_dw_b)
+        return (grad_src, grad_dw_w, grad_dw_b, grad_k_src, grad_t, grad_w, grad_b, grad_res) + nones
 
 
 class ProjectedAttention(nn.Module):
@@ -338,12 +497,18 @@ class ProjectedAttention(nn.Module):
                 return out
             return residual + out if beta == 1 else out - residual if beta == -1 else out + beta * residual
         weight, bias = _flat(self.project_out.weight), self.project_out.bias
+        out_dtype = None
         if scale is not None:
             weight = weight * scale
             bias = None if bias is None else bias * scale
+            act = compute_dtypes(src)[0]
+            if act in REDUCED_DTYPES and torch.is_tensor(scale) and scale.dim() and scale.is_floating_point():
+                # the plain formulation's ``scale * project_out(.)`` promotes to the scale's dtype
+                out_dtype = torch.promote_types(act, scale.dtype)
+                out_dtype = out_dtype if residual is None else torch.promote_types(out_dtype, residual.dtype)
         dw_weight, dw_bias = (None, None) if dwconv is None else (dwconv.weight, dwconv.bias)
         return ChannelAttention.apply(src, dw_weight, dw_bias, k_src, self.temperature, weight, bias, residual,
-                                      self.num_heads, float(beta))
+                                      self.num_heads, float(beta), None, out_dtype)
 
 
 class Attention(ProjectedAttention):
@@ -416,21 +581,28 @@ class GatedLinear(torch.autograd.Function):
     (``dw_weight``, ``dw_bias``; skipped if ``dw_weight`` is None); weight (C_out, h); bias (C_out,)
     or None; residual (B, C_out, H, W) or None; ``hidden`` = h. Returns (B, C_out, H, W) in
     channels_last. Keeps ``src`` only: the depthwise convolution and the gate are recomputed in the
-    backward pass.
+    backward pass. Under autocast (:func:`compute_dtypes`) ``src`` is kept, and the gate computed,
+    in the autocast dtype; the result is in that dtype promoted with the residual's.
     """
 
     @staticmethod
     def forward(ctx, src, dw_weight, dw_bias, weight, bias, residual, hidden):
         b, _, h, w = src.shape
-        rows = to_rows(src if dw_weight is None else _dwconv(src, dw_weight, dw_bias))
-        gated = _gelu_(rows[:, :hidden].contiguous()).mul_(rows[:, hidden:2 * hidden])
-        del rows
-        if residual is None:
-            out = F.linear(gated, weight, bias)
-        else:
-            out = torch.addmm(to_rows(residual), gated, weight.t())
-            if bias is not None:
-                out.add_(bias)
+        act, _ = compute_dtypes(src)
+        with _no_autocast(src.device.type):
+            src = src.to(act)
+            rows = to_rows(src if dw_weight is None else _dwconv(src, dw_weight.to(act), _cast(dw_bias, act)))
+            gated = _gelu_(rows[:, :hidden].contiguous()).mul_(rows[:, hidden:2 * hidden])
+            del rows
+            w_act = weight.to(act)
+            if residual is None:
+                out = F.linear(gated, w_act, _cast(bias, act))
+            elif residual.dtype == act:
+                out = torch.addmm(to_rows(residual), gated, w_act.t())
+                if bias is not None:
+                    out.add_(bias)
+            else:
+                out = _add_residual(F.linear(gated, w_act, _cast(bias, act)), to_rows(residual))
         ctx.save_for_backward(src, dw_weight, dw_bias, weight)
         ctx.hidden, ctx.has_bias, ctx.has_residual = hidden, bias is not None, residual is not None
         return from_rows(out, b, h, w)
@@ -442,26 +614,29 @@ class GatedLinear(torch.autograd.Function):
         need_src, need_dw_w, need_dw_b, need_w, need_b, need_res = ctx.needs_input_grad[:6]
         hidden = ctx.hidden
         b, _, h, w = src.shape
-        rows, g = to_rows(src if dw_weight is None else _dwconv(src, dw_weight, dw_bias)), to_rows(grad)
-        a, gate = rows[:, :hidden].contiguous(), rows[:, hidden:2 * hidden]
+        act, acc = src.dtype, torch.float32 if src.dtype in REDUCED_DTYPES else src.dtype
         grad_src = grad_dw_w = grad_dw_b = grad_w = grad_b = None
-        gelu_a = F.gelu(a)
-        if need_w:
-            grad_w = g.t().mm(gelu_a * gate)
-        if need_b and ctx.has_bias:
-            grad_b = g.sum(0)
-        if need_src or need_dw_w or need_dw_b:
-            grad_gated = g.mm(weight)
-            grad_rows = rows.new_empty(rows.shape)
-            grad_rows[:, 2 * hidden:] = 0
-            _into(grad_rows[:, hidden:2 * hidden], torch.mul, grad_gated, gelu_a)
-            del gelu_a
-            _into(grad_rows[:, :hidden], _gelu_grad, grad_gated.mul_(gate), a)
-            del rows, a, gate, grad_gated
-            grad_src = from_rows(grad_rows, b, h, w)
-            if dw_weight is not None:
-                grad_src, grad_dw_w, grad_dw_b = _dwconv_backward(grad_src, src, dw_weight, dw_bias is not None,
-                                                                  need_src, need_dw_w, need_dw_b)
+        with _no_autocast(src.device.type):
+            dw_w, dw_b = _cast(dw_weight, act), _cast(dw_bias, act)
+            rows, g = to_rows(src if dw_weight is None else _dwconv(src, dw_w, dw_b)), to_rows(grad.to(act))
+            a, gate = rows[:, :hidden].contiguous(), rows[:, hidden:2 * hidden]
+            gelu_a = F.gelu(a)
+            if need_w:
+                grad_w = g.t().mm(gelu_a * gate).to(weight.dtype)
+            if need_b and ctx.has_bias:
+                grad_b = g.sum(0, dtype=acc)
+            if need_src or need_dw_w or need_dw_b:
+                grad_gated = g.mm(weight.to(act))
+                grad_rows = rows.new_empty(rows.shape)
+                grad_rows[:, 2 * hidden:] = 0
+                _into(grad_rows[:, hidden:2 * hidden], torch.mul, grad_gated, gelu_a)
+                del gelu_a
+                _into(grad_rows[:, :hidden], _gelu_grad, grad_gated.mul_(gate), a)
+                del rows, a, gate, grad_gated
+                grad_src = from_rows(grad_rows, b, h, w)
+                if dw_weight is not None:
+                    grad_src, grad_dw_w, grad_dw_b = _dwconv_backward(grad_src, src, dw_w, dw_bias is not None,
+                                                                      need_src, need_dw_w, need_dw_b)
         grad_res = grad if ctx.has_residual and need_res else None
         return grad_src, grad_dw_w, grad_dw_b, grad_w, grad_b, grad_res, None
 
