@@ -45,6 +45,8 @@ setup(
             'vlunet-restore=vlunet.restore:main',
             'vlunet-app=vlunet.app:main',
             'vlunet-prepare=vlunet.data.prepare:main',
+            'vlunet-remeasure=vlunet.remeasure:main',
+            'vlunet-leaderboard=vlunet.leaderboard:main',
         ],
     },
     classifiers=[

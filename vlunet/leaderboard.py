@@ -845,7 +845,7 @@ def svg_task_bars(board: Leaderboard, task, width=560, height=240):
     def y(v):
         return top + plot_h * (1 - (v - y0) / (y1 - y0))
 
-    out = [f'<svg class="chart task-bars" data-task="{_esc(task)}" xmlns="http://www.w3.org/2000/svg" '
+    out = [f'<svg class="chart task-bars" data-task="{_esc(task)}" '
            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
            f'<title>PSNR per method: {_esc(title)}</title>',
            f'<text x="{left}" y="16" class="chart-title">{_esc(title)} (PSNR dB)</text>']
@@ -906,7 +906,7 @@ def svg_average_vs_params(board: Leaderboard, width=560, height=320):
     def Y(v):
         return top + plot_h * (1 - (v - yt[0]) / (yt[-1] - yt[0]))
 
-    out = [f'<svg class="chart" id="average-vs-params" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+    out = [f'<svg class="chart" id="average-vs-params" width="{width}" '
            f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
            '<title>Average PSNR against parameters</title>',
            f'<text x="{left}" y="16" class="chart-title">Average PSNR (dB) against parameters '
@@ -967,7 +967,7 @@ def svg_differences(board: Leaderboard, width=560):
     def X(v):
         return left + plot_w * (v - lo) / (hi - lo)
 
-    out = [f'<svg class="chart" id="differences" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+    out = [f'<svg class="chart" id="differences" width="{width}" '
            f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
            '<title>Measured minus paper PSNR</title>',
            '<text x="8" y="16" class="chart-title">Measured minus paper (PSNR dB)</text>']

@@ -318,7 +318,9 @@ def check_fingerprint(set_name: str, fp: Optional[Mapping]) -> dict:
     if fp['count'] != known.count:
         lines.append(f'{fp["count"]} {"pairs" if fp.get("paired") else "images"}, the canonical set has '
                      f'{known.count}')
-    if known.sizes is not None and dict(fp.get('sizes') or {}) != dict(known.sizes):
+    sizes = dict(fp.get('sizes') or {})
+    if known.sizes is not None and (sizes != dict(known.sizes) if fp['count'] == known.count
+                                    else set(sizes) != set(known.sizes)):   # other sizes, not just fewer images
         lines.append(f'image sizes {_sizes_text(fp.get("sizes"))}; canonical {_sizes_text(known.sizes)}')
     if known.paired is not None and bool(fp.get('paired')) != known.paired and fp['count']:
         lines.append('clean images only, the canonical set is paired' if known.paired else
