@@ -286,9 +286,10 @@ def check_test_sets(results):
 
     Each recorded fingerprint is checked against the canonical set (:func:`vlunet.metrics.fingerprint.
     check_fingerprint`, with the package's current knowledge) and against the other folders: where
-    folders measured a set whose canonical content the package does not know on different files, those
-    that differ from the files most folders measured are marked, naming the files (all of them when no
-    majority exists)."""
+    folders measured a set on different files and none of them on the canonical content, those that
+    differ from the files most folders measured are marked, naming the files (all of them when no
+    majority exists), so that one changed file stands out also among copies that all differ from the
+    canonical set."""
     from vlunet.metrics.fingerprint import canonical_for, check_fingerprint, fingerprint_differences
     found = {}
     by_set = {}
@@ -301,14 +302,14 @@ def check_test_sets(results):
             if fp and fp.get('hash'):
                 by_set.setdefault(set_name, []).append((r, fp))
     for set_name, measured in by_set.items():
-        known = canonical_for(set_name, measured[0][1])
-        if known is not None and known.hash:
-            continue  # checked file by file against the canonical set already
         groups = {}
         for r, fp in measured:
             groups.setdefault(fp['hash'], []).append((r, fp))
         if len(groups) < 2:
             continue
+        known = canonical_for(set_name, measured[0][1])
+        if known is not None and known.hash in groups:
+            continue  # some folders measured the canonical set: the others are marked against it, file by file
         sizes = sorted((len(g) for g in groups.values()), reverse=True)
         majority = next(h for h, g in groups.items() if len(g) == sizes[0]) if sizes[0] > sizes[1] else None
         for digest, group in groups.items():
@@ -318,9 +319,9 @@ def check_test_sets(results):
                 if majority is not None:
                     ref_dirs = [other['dir'] for other, _ in groups[majority]]
                     ref_fp = groups[majority][0][1]
-                    where = f'the files {", ".join(os.path.basename(os.path.normpath(d)) for d in ref_dirs)} measured'
-                    lines = [f'other files than {where}'] + fingerprint_differences(fp, ref_fp.get('files') or {},
-                                                                                     where)
+                    names = ', '.join(os.path.basename(os.path.normpath(d)) for d in ref_dirs)
+                    lines = [f'measured on other files than {names}'] + fingerprint_differences(
+                        fp, ref_fp.get('files') or {}, f'the files of {names}')
                 else:
                     lines = ['the folders measured this set on different files (no majority): '
                              + ', '.join(f'{os.path.basename(os.path.normpath(o["dir"]))} {f["hash"][:12]}'

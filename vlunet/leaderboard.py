@@ -528,7 +528,7 @@ def make_leaderboard(paths, setting=None, released=(), retrained=(), with_gmacs=
                                      f'parameters, published {published / 1e6:.2f}M)')
         elif row.variant is not None:
             row.params_M = row.variant.params / 1e6 if row.variant.params else None
-            if with_gmacs and row.card is not None and row.variant.kwargs:
+            if with_gmacs and row.card is not None:
                 opt = row.card.network_opt(row.variant.name)
                 key = json.dumps(opt, sort_keys=True)
                 if key not in gmac_cache:

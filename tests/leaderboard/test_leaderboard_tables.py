@@ -169,3 +169,33 @@ def test_compare_marks_the_changed_test_set_and_keeps_its_average(folders, tmp_p
     assert by_name['PromptIR_NHR']['average'][0] == pytest.approx(31.2)   # marked, still averaged
     lines = describe_test_sets(results, sets)
     assert any('AdaIR_NHR_released: Rain100L differs: 2 pairs' in line for line in lines)
+
+
+def test_one_changed_file_stands_out_among_copies(tmp_path, monkeypatch):
+    """SOTS is known by its count only, and here every folder measured the same subset of Rain100L: the folder
+    whose files differ from the others' is marked against the files most folders measured, naming the file."""
+    from vlunet.compare import build_table, check_test_sets, load_result
+    sets = image_sets(str(tmp_path / 'sets'))
+    install_canonical(monkeypatch, sets)
+    subset = changed_copy(str(tmp_path / 's'), sets, 'Rain100L', drop='001.png')
+    other = changed_copy(str(tmp_path / 'o'), {'Rain100L': subset}, 'Rain100L', change='002.png')
+    sots = changed_copy(str(tmp_path / 'x'), sets, 'SOTS_outdoor', change='003.png')
+    base = nhr_fingerprints(sets, {'Rain100L': subset})
+    odd = nhr_fingerprints(sets, {'Rain100L': other, 'SOTS_outdoor': sots})
+    root = str(tmp_path)
+    folders = [result_folder(root, 'A_NHR', RESTORMER, _values(30.0), base),
+               result_folder(root, 'B_NHR', RESTORMER, _values(30.0), base),
+               result_folder(root, 'C_NHR', RESTORMER, _values(30.0), odd)]
+    results = [load_result(f) for f in folders]
+    checks = check_test_sets(results)
+    assert checks[(folders[0], 'SOTS_outdoor')]['status'] == 'matches'
+    c_sots = checks[(folders[2], 'SOTS_outdoor')]
+    assert c_sots['status'] == 'differs' and c_sots['lines'] == [
+        'measured on other files than A_NHR, B_NHR',
+        'changed (degraded 1): 003.png']
+    a_rain, c_rain = checks[(folders[0], 'Rain100L')]['lines'], checks[(folders[2], 'Rain100L')]['lines']
+    assert 'missing (in the canonical set, not here): 001.png' in a_rain and 'other files' not in ' '.join(a_rain)
+    assert 'measured on other files than A_NHR, B_NHR' in c_rain
+    assert 'changed (degraded 1): 002.png' in c_rain
+    rows, _ = build_table(results, with_gmacs=False, test_sets=checks)
+    assert rows[3]['average'][0] == pytest.approx(30.2)   # marked, still averaged
