@@ -2,6 +2,7 @@
 """Write a method's option files for every setting, from its method card and the shared protocol.
 
     python scripts/make_option_files.py NAME [--variant V] [--settings NHR NHRBL CDD11] [--overwrite]
+    python scripts/make_option_files.py NAME --demo DIR     # a tiny run on the demo images (seconds)
 
 For each setting that has option files (options/train/*_<SETTING>.yml), the training and the test file
 of each released configuration of NAME (its card's variants with an option stem) are made from the
@@ -26,6 +27,7 @@ import yaml  # noqa: E402
 from basicsr.utils.options import ordered_yaml  # noqa: E402  (a safe loader: vlunet.compat)
 
 from vlunet.archs.card import card_for, find_variant, list_variants  # noqa: E402
+from vlunet.archs.conditioning import TEXT_EMBEDDING  # noqa: E402
 from vlunet.utils.atomic import write_text_atomic  # noqa: E402
 
 
@@ -110,15 +112,73 @@ def make(name, variant=None, wanted=None, overwrite=False, options=os.path.join(
     return written
 
 
+DEMO_SOURCES = (('noise25', {'type': 'gaussian_noise_uint8', 'sigma': 25}), ('rain', {'type': 'rain_streaks'}))
+
+
+def make_demo(name, out, overwrite=False, log=print):
+    """A training and a test file of the method's TINY network on the demo images inside the package
+    (noise and rain synthesised; a run of seconds on a CPU: a smoke test, not a result)."""
+    card, variant = find_variant(name)
+    stem = f'{variant.options or card.arch}_demo'
+    network = card.tiny_opt()
+    if 'de_dim' in network:
+        network['de_dim'] = len(DEMO_SOURCES)
+    sources = [{'name': n, 'label': k, 'dataroot_gt': 'vlunet://demo_data/{}', 'degradation': d}
+               for k, (n, d) in enumerate(DEMO_SOURCES)]
+    common = {'name': stem, 'model_type': 'VLUNetModel', 'num_gpu': 'auto', 'manual_seed': 0,
+              'network_g': network}
+    if card.condition == TEXT_EMBEDDING:  # the tiny CLIP configuration: no weights to download
+        prompts = [card.task_prompts.get(n, n) for n, _ in DEMO_SOURCES]
+        common['text_embedding'] = {'clip_model': 'vlunet-tiny', 'pretrained': None, 'prompts': prompts,
+                                    'mode': 'oracle'}
+    metrics = {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False},
+               'ssim': {'type': 'calculate_ssim', 'crop_border': 0, 'test_y_channel': False}}
+    train = dict(common, datasets={'train': {
+        'name': 'demo_train', 'type': 'AllInOneDataset',
+        'sources': [dict(s, dataroot_gt=s['dataroot_gt'].format('train')) for s in sources],
+        'gt_size': 32, 'use_hflip': True, 'use_rot': True, 'num_worker_per_gpu': 0, 'batch_size_per_gpu': 2,
+        'dataset_enlarge_ratio': 1, 'prefetch_mode': None}},
+        path={'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        train={'ema_decay': 0, 'optim_g': {'type': 'AdamW', 'lr': 1e-3},
+               'scheduler': {'type': 'LinearWarmupCosineLR', 'warmup_iter': 0}, 'total_iter': 2, 'warmup_iter': -1,
+               'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0},
+               **{t.key: {'type': t.loss, **dict(t.published)} for t in card.training_terms}},
+        logger={'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': False})
+    test = dict(common, datasets={f'test_{k + 1}': {'name': f'demo_{s["name"]}', 'type': 'AllInOneDataset',
+                                                    'seed': 0, 'sources': [dict(s, dataroot_gt=s['dataroot_gt']
+                                                                                .format('val'))]}
+                                  for k, s in enumerate(sources)},
+                path={'pretrain_network_g': f'experiments/{stem}/models/net_g_latest.pth', 'strict_load_g': True},
+                val={'save_img': True, 'pbar': False, 'metrics': metrics})
+    written = []
+    for kind, opt in (('train', train), ('test', test)):
+        target = os.path.join(out, kind, f'{stem}.yml')
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.exists(target) and not overwrite:
+            raise SystemExit(f'{target} exists; pass --overwrite to replace it')
+        header = (f'# {kind.title()} the TINY {card.name} ({card.arch}) on the demo images inside the package (noise '
+                  'and rain): a smoke test of seconds, not a result (scripts/make_option_files.py --demo).\n')
+        write_text_atomic(target, header + yaml.dump(opt, Dumper=ordered_yaml()[1], sort_keys=False,
+                                                     default_flow_style=None, width=120))
+        written.append(target)
+        log(f'wrote {target}')
+    return written
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('name', help='a method, or one of its released configurations (as its card names it)')
     parser.add_argument('--variant', help='only this released configuration')
     parser.add_argument('--settings', nargs='+', help=f'default: every setting ({", ".join(settings())})')
     parser.add_argument('--overwrite', action='store_true', help='replace existing files')
+    parser.add_argument('--demo', metavar='DIR', help='instead: a tiny training and test file on the demo images, '
+                        'written to DIR/train and DIR/test (e.g. a scratch folder)')
     args = parser.parse_args(argv)
     try:
-        make(args.name, args.variant, args.settings, args.overwrite)
+        if args.demo:
+            make_demo(args.name, args.demo, args.overwrite)
+        else:
+            make(args.name, args.variant, args.settings, args.overwrite)
     except KeyError as err:
         parser.error(err.args[0])
     return 0

@@ -49,3 +49,15 @@ def test_files_made_from_the_card_equal_the_shipped_ones_but_for_the_network_spe
         assert card.paper in header and '# Protocol:' in header
     with pytest.raises(SystemExit, match='exists; pass --overwrite'):
         make_option_files.make(card.name, card.variants[0].name, options=str(options), log=lambda *_: None)
+
+
+@pytest.mark.parametrize('card', list_methods(), ids=lambda c: c.arch)
+def test_demo_files_of_every_method_build_its_tiny_network_with_its_terms(tmp_path, card):
+    from basicsr.archs import build_network
+    train, test = make_option_files.make_demo(card.name, str(tmp_path), log=lambda *_: None)
+    train, test = _load(train), _load(test)
+    assert train['network_g'] == test['network_g'] and train['network_g']['type'] == card.arch
+    build_network(dict(train['network_g']))
+    assert {t.key for t in card.training_terms} <= set(train['train'])
+    assert train['name'] == test['name'] and test['path']['pretrain_network_g'].startswith(
+        f'experiments/{train["name"]}/')

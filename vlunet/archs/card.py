@@ -117,8 +117,10 @@ class PublishedResults:
 @dataclass(frozen=True)
 class TrainingTerm:
     """A method's own loss term: ``train.<key>: {type: <loss>, ...}``; ``published`` holds the option
-    values of the published recipe. The loss is called as ``loss(output, gt, label)`` with the
-    :class:`NetworkOutput` of the forward."""
+    values of the published recipe. A loss with ``takes_network_output = True`` is called as
+    ``loss(output, gt, label)`` with the :class:`NetworkOutput` of the forward, other losses as
+    ``loss(image, gt)``; one with ``after_network_step(forward, lq, gt, label)`` updates networks of its
+    own after each optimizer step (its ``state_dict`` is kept in the training state)."""
     key: str
     loss: str
     published: Mapping = field(default_factory=dict)
