@@ -23,7 +23,7 @@ import yaml
 import vlunet  # noqa: F401  (BasicSR fixes, registers our archs; must precede basicsr)  # isort: skip
 from basicsr.utils.registry import ARCH_REGISTRY  # isort: skip
 from vlunet.utils.atomic import write_all_atomic
-from vlunet.archs.card import guess_arch, network_entry
+from vlunet.archs.card import guess_arch, network_entry, state_dict_differences
 from vlunet.utils.checkpoint import CheckpointError, check_clip_adapters, load_published_state_dict
 
 PROG = 'vlunet-convert'
@@ -63,12 +63,9 @@ def build_and_verify(params, arch, kwargs):
         model = cls(**kwargs)
     except Exception as err:  # noqa: BLE001  (bad --arch-opt values surface as any exception type)
         raise ConversionError(f'cannot build {arch}({_fmt_kwargs(kwargs)}): {type(err).__name__}: {err}') from None
-    layout = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-    missing = [k for k in layout if k not in params]
-    unexpected = [k for k in params if k not in layout]
-    mismatched = [f'{k}: checkpoint {list(params[k].shape)}, {arch} {list(layout[k])}'
-                  for k in layout if k in params and tuple(params[k].shape) != layout[k]]
+    layout = model.state_dict()
+    missing, unexpected, mismatched = state_dict_differences(layout, params)
+    mismatched = [f'{k}: checkpoint {list(params[k].shape)}, {arch} {list(layout[k].shape)}' for k in mismatched]
     if missing or unexpected or mismatched:
         lines = [f'the weights do not fit {arch}({_fmt_kwargs(kwargs)}):']
         if missing:

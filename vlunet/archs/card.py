@@ -375,15 +375,22 @@ class Recognition:
     mismatched: List[str] = field(default_factory=list)
 
 
+def state_dict_differences(expected: Mapping, params: Mapping):
+    """``(missing, unexpected, mismatched)`` keys of ``params`` against the state_dict ``expected`` (any
+    tensors, meta ones included): absent keys, extra keys, and keys whose shapes differ."""
+    missing = [k for k in expected if k not in params]
+    unexpected = [k for k in params if k not in expected]
+    mismatched = [k for k in expected if k in params and tuple(expected[k].shape) != tuple(params[k].shape)]
+    return missing, unexpected, mismatched
+
+
 def _compare_with_built(card, kwargs, params) -> Recognition:
     try:
         with torch.device('meta'):
             built = card.arch_class(**kwargs).state_dict()
     except Exception:  # noqa: BLE001  (kwargs the shapes suggested but the class refuses: not this method)
         return Recognition(card, kwargs, False, missing=['<the network cannot be built with these kwargs>'])
-    missing = [k for k in built if k not in params]
-    unexpected = [k for k in params if k not in built]
-    mismatched = [k for k in built if k in params and tuple(built[k].shape) != tuple(params[k].shape)]
+    missing, unexpected, mismatched = state_dict_differences(built, params)
     return Recognition(card, kwargs, not (missing or unexpected or mismatched), missing, unexpected, mismatched)
 
 

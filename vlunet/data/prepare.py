@@ -58,7 +58,7 @@ import cv2
 import yaml
 from tqdm import tqdm
 
-from vlunet.utils.atomic import encode_image, write_atomic, write_text_atomic
+from vlunet.utils.atomic import encode_image, fsync_folder, write_atomic, write_text_atomic
 from vlunet.utils.image_io import ImageReadError, decode_image, is_image_file, read_file
 
 TASKS = ('denoise', 'derain', 'dehaze', 'deblur', 'lowlight', 'cdd11')
@@ -564,20 +564,6 @@ def _lmdb_groups_complete(items):
 # ------------------------------------------------------------------------------------------------
 # writing (the package's one atomic writer, inside a staging folder renamed into place)
 # ------------------------------------------------------------------------------------------------
-def _fsync_folder(folder):
-    """Make renames in ``folder`` durable (where the file system allows opening a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _remove(path):
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -640,7 +626,7 @@ class Staging:
                     os.rename(entry['backup'], entry['final'])
             raise
         for folder in {os.path.dirname(os.path.abspath(d)) for d in self.destinations}:
-            _fsync_folder(folder)
+            fsync_folder(folder)
         self.done = True
 
     def __exit__(self, *exc):

@@ -108,7 +108,8 @@ def _write_failure(err, recorded, path):
     return OSError(cause.errno, cause.strerror or os.strerror(cause.errno), str(path))
 
 
-def _fsync_folder(folder):
+def fsync_folder(folder):
+    """Make renames in ``folder`` durable (where the file system allows opening a folder)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # not supported (e.g. some network file systems): the rename is still atomic
@@ -160,7 +161,7 @@ def write_all_atomic(items, binary=True):
         for tmp, path in temps:
             os.replace(tmp, path)
         for folder in {os.path.dirname(os.path.abspath(p)) for _, p in temps}:
-            _fsync_folder(folder)
+            fsync_folder(folder)
     finally:
         for tmp, _ in temps:
             if os.path.exists(tmp):
