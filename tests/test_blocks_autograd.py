@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import vlunet  # noqa: F401
 from basicsr.utils.registry import ARCH_REGISTRY
-from vlunet.archs.blocks import (LN_EPS, Attention, ChannelAttention, FeedForward, GatedLinear, LayerNorm, NormLinear,
-                                 TransformerBlock, channel_attention)
+from vlunet.archs.blocks import (LN_EPS, Attention, ChannelAttention, DepthwiseConv, FeedForward, GatedLinear,
+                                 LayerNorm, NormLinear, TransformerBlock, channel_attention)
 
 CL = torch.channels_last
 TINY = dict(de_dim=3, dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8])
@@ -99,6 +99,15 @@ def test_gated_linear_gradcheck(dw, bias, residual):
     if residual:
         ref = ref + args[5]
     torch.testing.assert_close(GatedLinear.apply(*args), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('kernel, bias', [(3, True), (7, False)])
+def test_depthwise_conv_gradcheck(kernel, bias):
+    torch.manual_seed(0)
+    args = (_rand(2, 4, 5, 6), _rand(4, 1, kernel, kernel), _rand(4) if bias else None)
+    assert torch.autograd.gradcheck(DepthwiseConv.apply, args)
+    torch.testing.assert_close(DepthwiseConv.apply(*args),
+                               F.conv2d(args[0], args[1], args[2], padding=kernel // 2, groups=4), rtol=0, atol=1e-12)
 
 
 def test_gated_linear_ignores_padding_channels():

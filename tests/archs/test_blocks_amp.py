@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import vlunet  # noqa: F401
 import vlunet.archs.blocks as blocks
 from basicsr.archs import build_network
-from vlunet.archs.blocks import (LN_EPS, Attention, ChannelAttention, FeedForward, GatedLinear, NormLinear,
-                                 TransformerBlock, channel_attention, compute_dtypes)
+from vlunet.archs.blocks import (LN_EPS, Attention, ChannelAttention, DepthwiseConv, FeedForward, GatedLinear,
+                                 NormLinear, TransformerBlock, channel_attention, compute_dtypes)
 from vlunet.archs.card import example_inputs, list_methods
 
 CL = torch.channels_last
@@ -37,7 +37,7 @@ PLAIN_FACTOR = 1.5
 FLOOR = {torch.bfloat16: 2e-3, torch.float16: 3e-4}
 SEEDS = range(6)
 MIN_NUMEL = 32
-FUSED_NODES = ('NormLinearBackward', 'ChannelAttentionBackward', 'GatedLinearBackward')
+FUSED_NODES = ('NormLinearBackward', 'ChannelAttentionBackward', 'GatedLinearBackward', 'DepthwiseConvBackward')
 
 
 def _rel(a, ref):
@@ -292,6 +292,19 @@ def test_gated_linear_under_autocast(dtype, bias, residual):
     args = make_args()
     saved = _saved_dtypes(lambda: _run(fused_fn, args, torch.randn(2, 4, 6, 5), dtype))
     assert all(d == dtype for n, d in saved if n >= args[0].numel())  # src in the autocast dtype
+
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=NAMES.get)
+@pytest.mark.parametrize('kernel', [3, 7])  # 7: weight gradients from float32 copies on CPU
+def test_depthwise_conv_under_autocast(dtype, kernel):
+    def make_args():
+        return [_rand(2, 6, 9, 8), _rand(6, 1, kernel, kernel, scale=0.3), _rand(6, scale=0.1)]
+
+    def plain_fn(x, w, b):
+        return F.conv2d(x, w, b, padding=kernel // 2, groups=6)
+    out, grads = _compare(make_args, DepthwiseConv.apply, plain_fn, (2, 6, 9, 8), dtype, 'DepthwiseConv')
+    assert out.dtype == dtype and out.is_contiguous(memory_format=CL)
+    assert [t.dtype for t in grads] == [torch.float32] * 3
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=NAMES.get)

@@ -45,6 +45,7 @@ NORM_EPS = 1e-12  # F.normalize's eps
 
 
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+SMALL_RANGE_DTYPES = (torch.float16, )  # sums of many products can overflow them
 _AUTOCAST_DEVICES = tuple(d for d in ('cpu', 'cuda', 'xpu', 'mps', 'hpu') if torch.amp.is_autocast_available(d))
 # devices whose native_layer_norm takes float32 affine weights with reduced-precision rows (and then returns
 # float32 statistics); elsewhere the weights are cast to the rows' dtype (see _layer_norm_rows)
@@ -303,10 +304,49 @@ def _dwconv(x, weight, bias):
 
 
 def _dwconv_backward(grad, x, weight, has_bias, need_x, need_w, need_b):
+    """Gradients (x, weight, bias) of :func:`_dwconv`. On CPU, in a reduced precision and with a kernel larger
+    than 3 x 3, the weight and bias gradients are computed from float32 copies: the CPU kernel for them is
+    several times slower in bfloat16 than in float32 there (and they are sums over every pixel)."""
     pad = weight.shape[-1] // 2
-    return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if has_bias else None, [1, 1],
-                                               [pad, pad], [1, 1], False, [0, 0], x.shape[1],
-                                               [need_x, need_w, need_b and has_bias])
+    sizes = [weight.shape[0]] if has_bias else None
+    need_b = need_b and has_bias
+    if x.device.type == 'cpu' and x.dtype in REDUCED_DTYPES and weight.shape[-1] > 3 and (need_w or need_b):
+        grad_x = _dwconv_backward(grad, x, weight, False, True, False, False)[0] if need_x else None
+        wide = torch.ops.aten.convolution_backward(grad.float(), x.float(), weight.float(), sizes, [1, 1], [pad, pad],
+                                                   [1, 1], False, [0, 0], x.shape[1], [False, need_w, need_b])
+        return grad_x, wide[1], wide[2]
+    return torch.ops.aten.convolution_backward(grad, x, weight, sizes, [1, 1], [pad, pad], [1, 1], False, [0, 0],
+                                               x.shape[1], [need_x, need_w, need_b])
+
+
+class DepthwiseConv(torch.autograd.Function):
+    """``apply(x, weight, bias)``: the 'same' depthwise k x k convolution of ``nn.Conv2d(groups=channels)``,
+    with the backward of :func:`_dwconv_backward` (float32 weight gradients for kernels above 3 x 3 in a
+    reduced precision on CPU). Under autocast x is kept, and the result given, in the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        act, _ = compute_dtypes(x)
+        with _no_autocast(x.device.type):
+            x = x.to(act)
+            out = _dwconv(x, weight.to(act), _cast(bias, act))
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        with _no_autocast(x.device.type):
+            return _dwconv_backward(grad.to(x.dtype), x, weight.to(x.dtype), ctx.has_bias, need_x, need_w, need_b)
+
+
+def depthwise(conv, x):
+    """A depthwise ``nn.Conv2d`` (groups = channels, 'same' padding) applied to x; fused where possible
+    (:class:`DepthwiseConv`)."""
+    return DepthwiseConv.apply(x, conv.weight, conv.bias) if use_fused(x) else conv(x)
 
 
 def _split_qkv(src, k_src):
@@ -362,8 +402,8 @@ class ChannelAttention(torch.autograd.Function):
     ``out = v @ M`` with ``M = blockdiag(P^T) @ W^T`` (C x C_out per image). Saved: the inputs, P,
     S/t, the norms and M (all small but the inputs); the depthwise convolution is recomputed in
     the backward pass. Under autocast (:func:`compute_dtypes`) the inputs are saved in the autocast
-    dtype; q and k are normalised before their product (no overflow in float16), and S, P, M and
-    the norms are float32.
+    dtype (in float16, q and k are normalised before their product, which could overflow), and S, P,
+    M and the norms are float32.
     """
 
     @staticmethod
@@ -378,18 +418,15 @@ class ChannelAttention(torch.autograd.Function):
             q, k, v = _split_qkv(qkv, k_src)
             c_all, c_out = q.shape[-1], weight.shape[0]
             c = c_all // heads
-            if act == acc:
-                q_norm = q.square().sum(1).sqrt_()  # (B, C)
-                k_norm = k.square().sum(1).sqrt_()
-                gram = _head_grams(q, k, heads)  # (B, heads, c, c)
+            q_norm = torch.sum(q.square(), 1, dtype=acc).sqrt_()  # (B, C)
+            k_norm = torch.sum(k.square(), 1, dtype=acc).sqrt_()
+            if act not in SMALL_RANGE_DTYPES:  # q^T k (one rounding per entry), then divided by the norms
+                gram = _head_grams(q, k, heads).to(acc)  # (B, heads, c, c)
                 denom = (q_norm.clamp_min(NORM_EPS).view(b, heads, c, 1)
                          * k_norm.clamp_min(NORM_EPS).view(b, heads, 1, c))
                 cosine = gram.div_(denom)
-            else:  # as F.normalize under autocast: norms in float32, then the product of the unit vectors
-                q_norm = torch.sum(q.square(), 1, dtype=acc).sqrt_()
-                k_norm = torch.sum(k.square(), 1, dtype=acc).sqrt_()
-                # q / |q| rounded once (the float32 reciprocal is not rounded first: that would scale whole rows)
-                qn, kn = q.new_empty(q.shape), k.new_empty(k.shape)
+            else:  # float16: q and k normalised first (q^T k sums over the pixels and could overflow)
+                qn, kn = q.new_empty(q.shape), k.new_empty(k.shape)  # q / |q| rounded once
                 _into(qn, torch.mul, q, q_norm.clamp_min(NORM_EPS).reciprocal().unsqueeze(1))
                 _into(kn, torch.mul, k, k_norm.clamp_min(NORM_EPS).reciprocal().unsqueeze(1))
                 cosine = _head_grams(qn, kn, heads).to(acc)
@@ -553,8 +590,8 @@ class ChannelCrossAttention(ProjectedAttention):
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
     def forward(self, x, y, residual=None):
-        k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
-        return self.attend(torch.cat([self.q_dwconv(self.q(x)), v], 1), None, k, residual)
+        k, v = depthwise(self.kv_dwconv, self.kv(y)).chunk(2, dim=1)
+        return self.attend(torch.cat([depthwise(self.q_dwconv, self.q(x)), v], 1), None, k, residual)
 
 
 # ------------------------------------------------------------------------------------------------
