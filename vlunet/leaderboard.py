@@ -46,6 +46,7 @@ PROG = 'vlunet-leaderboard'
 MARKER = 'weights.json'          # written by vlunet-remeasure into results/<name>/
 ORIGINS = ('released', 'retrained')
 PSNR_TOLERANCE, SSIM_TOLERANCE = 0.01, 0.001   # a printed average further off its per-task mean is flagged
+ARCHIVED = re.compile(r'_archived_\d{8}_\d{6}$')   # BasicSR's mkdir_and_rename suffix
 TRAINING_OUTPUT = re.compile(r'(^|[\\/])experiments[\\/][^\\/]+[\\/]models[\\/]net_g_[^\\/]+\.pth$')
 DAGGER, DDAGGER, SECTION = '†', '‡', '§'
 RED_OUTLINE = ' stroke="#c00" stroke-width="2"'   # a bar or point measured on a test set that differs
@@ -449,6 +450,11 @@ def make_leaderboard(paths, setting=None, released=(), retrained=(), with_gmacs=
     """Read, classify and check the folders; raise :class:`ProtocolMismatch` for mixed protocols and
     :class:`LeaderboardError` when the setting cannot be told."""
     results, left_out = _result_folders(paths)
+    names = {r['name'] for r in results}
+    archived = [r for r in results if ARCHIVED.search(r['name']) and ARCHIVED.sub('', r['name']) in names]
+    left_out += [(r['dir'], f'an earlier run of {ARCHIVED.sub("", r["name"])} that BasicSR archived (the newer one '
+                            'is used; give this folder without it to use it)') for r in archived]
+    results = [r for r in results if r not in archived]
     overrides = {os.path.normpath(os.path.abspath(d)): 'released' for d in released}
     overrides.update({os.path.normpath(os.path.abspath(d)): 'retrained' for d in retrained})
     settings = known_settings(options_dir)

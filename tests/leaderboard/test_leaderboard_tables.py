@@ -199,3 +199,14 @@ def test_one_changed_file_stands_out_among_copies(tmp_path, monkeypatch):
     assert 'changed (degraded 1): 002.png' in c_rain
     rows, _ = build_table(results, with_gmacs=False, test_sets=checks)
     assert rows[3]['average'][0] == pytest.approx(30.2)   # marked, still averaged
+
+
+def test_an_archived_earlier_run_is_left_out_beside_the_newer(folders, tmp_path, capsys):
+    import shutil
+    old = str(tmp_path / 'results' / 'Restormer_NHR_archived_20260101_120000')
+    shutil.copytree(folders['restormer_re'], old)
+    assert leaderboard.main([folders['restormer_re'], old, '--out', 'lb', '--no-gmacs']) == 0
+    assert 'an earlier run of Restormer_NHR that BasicSR archived' in capsys.readouterr().err
+    rows = [r for r in csv.DictReader(open(tmp_path / 'lb' / 'leaderboard.csv')) if r['column'] == 'retrained']
+    assert {r['folder'] for r in rows} == {folders['restormer_re']}
+    assert leaderboard.main([old, '--out', 'lb2', '--no-gmacs']) == 0   # alone, it is used
