@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 
 VERSION = '0.1.0'  # keep in step with vlunet/version.py (a test checks they agree)
 APP_REQUIRES = ['gradio>=6,<7', 'fastapi', 'uvicorn', 'pandas']
+EXPORT_REQUIRES = ['onnx>=1.16', 'onnxscript>=0.2', 'onnxruntime>=1.17']  # vlunet-export, vlunet-restore --backend onnxruntime
 
 with open('README.md', encoding='utf-8') as f:
     long_description = f.read()
@@ -35,7 +36,8 @@ setup(
     ],
     # app: vlunet-app, the local restore page (Gradio 6 built-ins: ImageSlider, BarPlot, buttons=);
     # test: everything its tests need, the app and the browser test's driver included
-    extras_require={'app': APP_REQUIRES, 'test': ['pytest>=7', 'selenium>=4.10'] + APP_REQUIRES},
+    extras_require={'app': APP_REQUIRES, 'export': EXPORT_REQUIRES,
+                    'test': ['pytest>=7', 'selenium>=4.10'] + APP_REQUIRES + EXPORT_REQUIRES},
     entry_points={
         'console_scripts': [
             'vlunet-train=vlunet.train:main',
@@ -44,6 +46,7 @@ setup(
             'vlunet-compare=vlunet.compare:main',
             'vlunet-restore=vlunet.restore:main',
             'vlunet-app=vlunet.app:main',
+            'vlunet-export=vlunet.export:main',
             'vlunet-prepare=vlunet.data.prepare:main',
             'vlunet-remeasure=vlunet.remeasure:main',
             'vlunet-leaderboard=vlunet.leaderboard:main',

@@ -502,6 +502,7 @@ def _status(results, messages, seconds, tile):
                      + (f' (tiles of {tile} px)' if tile else ''))
         lines += [f'- {html.escape(r.name)}: {r.width}x{r.height}, {r.kind}, {r.restoration.seconds:.2f} s'
                   + (f'; most likely: {html.escape(r.restoration.top_type)}' if r.restoration.report else '')
+                  + (f'; {html.escape(r.restoration.tiling)}' if r.restoration.tiles > 1 else '')
                   for r in results]
     if messages:
         lines.append(f'**Not restored ({len(messages)}):**')
@@ -701,6 +702,11 @@ def main(argv=None):
     parser.add_argument('--trust-pickle', action='store_true',
                         help='allow full unpickling of a checkpoint that holds more than tensors (this runs code '
                              'stored in the file: only for files from a source you trust)')
+    parser.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'), default='fp32',
+                        help='autocast precision of the network (fp16 only where the device computes in float16)')
+    parser.add_argument('--max-memory', metavar='SIZE',
+                        help='memory budget, e.g. 3G: images that would not fit run in tiles sized from the measured '
+                             'memory of the network (the status says so)')
     args = parser.parse_args(argv)
 
     opt = args.opt
@@ -727,7 +733,8 @@ def main(argv=None):
     import torch
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
-        engine = build_engine(opt, args.model, device, trust_pickle=args.trust_pickle)
+        engine = build_engine(opt, args.model, device, trust_pickle=args.trust_pickle, precision=args.precision,
+                              max_memory=args.max_memory)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f'error: {err.args[0] if err.args else err}', file=sys.stderr)
         return 2
@@ -748,7 +755,8 @@ def main(argv=None):
             else 'no CLIP encoder: no degradation report')
     weights = args.model or f'path.pretrain_network_g of {opt}'
     limit = f'images up to {pixel_count(args.max_pixels)}' if args.max_pixels else 'no pixel limit'
-    title = f'Model: **{net}** ({html.escape(weights)}), {clip}; device {device}; {limit}.'
+    budget = f'; memory budget {html.escape(args.max_memory)} (larger images run in tiles)' if args.max_memory else ''
+    title = f'Model: **{net}** ({html.escape(weights)}), {clip}; device {device}, {args.precision}; {limit}{budget}.'
     restorer = Restorer(engine, os.path.join(temp, 'restored'), args.max_pixels, upload_dir=os.path.join(temp, 'uploads'))
     host, port = sock.getsockname()[:2]
     app = make_app(restorer, title, args.host, [*args.allowed_host, host], upload_dir=os.path.join(temp, 'uploads'))

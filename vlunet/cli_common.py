@@ -392,6 +392,54 @@ def check_inputs_exist(argv, is_train):
         raise SystemExit(2)
 
 
+def inference_options(argv):
+    """vlunet-test's ``--precision fp32|bf16|fp16`` and ``--max-memory SIZE`` as BasicSR options: ``val.amp`` and
+    ``val.max_memory`` (bytes) appended to ``--force_yml`` (after any the user gave). Both are checked first
+    (a precision the device cannot compute in, a size that is not one, an option file without ``val``):
+    one clear message, exit 2. Returns the argument list BasicSR parses."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument('-opt', type=str)
+    parser.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'))
+    parser.add_argument('--max-memory', '--max_memory', dest='max_memory')
+    parser.add_argument('--force_yml', nargs='+', default=None)
+    known, rest = parser.parse_known_args(argv)
+    if known.precision is None and known.max_memory is None:
+        return list(argv)
+
+    def fail(message):
+        sys.stderr.write(f'error: {message}\n')
+        raise SystemExit(2)
+
+    import torch
+
+    from vlunet.inference import parse_memory, precision_problem
+    try:
+        budget = parse_memory(known.max_memory)
+    except ValueError as err:
+        fail(err.args[0])
+    opt = None
+    if known.opt:
+        try:
+            opt = _options_as_run(known.opt, known.force_yml)
+        except Exception:  # noqa: BLE001  (check_options names what is wrong with the file)
+            opt = None
+    if isinstance(opt, dict) and not isinstance(opt.get('val'), dict):
+        fail(f'{known.opt}: --precision/--max-memory set val.amp/val.max_memory, but the file has no val section '
+             '(vlunet-test restores and measures through it)')
+    gpus = opt.get('num_gpu', 'auto') if isinstance(opt, dict) else 'auto'
+    device = 'cuda' if torch.cuda.is_available() and gpus != 0 else 'cpu'
+    problem = precision_problem(known.precision or 'fp32', device)
+    if problem:
+        fail(problem)
+    force = list(known.force_yml or [])
+    if known.precision:
+        force.append(f'val:amp={"false" if known.precision == "fp32" else known.precision}')
+    if budget:
+        force.append(f'val:max_memory={budget}')
+    opt_args = ['-opt', known.opt] if known.opt is not None else []
+    return opt_args + rest + ['--force_yml', *force]
+
+
 def run_pipeline(pipeline_name, argv=None):
     """Run ``basicsr.{train,test}.{pipeline_name}`` with experiments/ and results/ under the cwd."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -399,6 +447,8 @@ def run_pipeline(pipeline_name, argv=None):
     is_train = pipeline_name == 'train_pipeline'
     from vlunet import pipeline as policies  # compat fixes + registries, then our pipeline policies
     policies.install(train=is_train)
+    if not is_train:
+        argv = inference_options(argv)
     check_options(argv, is_train=is_train)
     check_inputs_exist(argv, is_train=is_train)
     sys.argv[1:] = argv

@@ -22,6 +22,13 @@ gives the restored image, the degradation report computed from that same embeddi
 the stage grid recorded in that same forward. With ``--tile`` the stages exist only when the image
 fits in one tile (one forward); an image that runs as several tiles gets no stage grid (a note says
 so) rather than a second, whole-image forward.
+
+``--precision bf16`` (or fp16 where the device computes in float16) runs the network under autocast.
+``--max-memory 3G`` bounds the process's peak memory: an image that would not fit runs in tiles chosen
+from the network's measured memory model (see vlunet.inference.memory); the report says per image
+whether and why it was tiled, and the pixel limit becomes what the budget's image buffers allow
+unless ``--max-pixels`` is given. ``--backend onnxruntime --onnx FILE.onnx`` restores with a model
+written by ``vlunet-export`` on ONNX Runtime (CPU), with the same options and outputs.
 """
 import argparse
 import csv
@@ -106,9 +113,9 @@ def _short(keys, limit=3):
     return ', '.join(keys[:limit]) + (', ...' if len(keys) > limit else '')
 
 
-def build_engine(opt_path, model_path=None, device='cpu', trust_pickle=False, precision='fp32'):
+def build_engine(opt_path, model_path=None, device='cpu', trust_pickle=False, precision='fp32', max_memory=None):
     """The inference engine of an option file (:meth:`RestorationEngine.from_options`) for photos
-    (no known task), on ``device``.
+    (no known task), on ``device``, with a precision and a memory budget.
 
     Raises FileNotFoundError / KeyError / ValueError with a message naming the option file or the
     weights file (missing, unreadable, or not fitting ``network_g``: one line saying how)."""
@@ -116,7 +123,7 @@ def build_engine(opt_path, model_path=None, device='cpu', trust_pickle=False, pr
     from vlunet.utils.checkpoint import CheckpointError
     try:
         return RestorationEngine.from_options(opt_path, model_path, device=device, precision=precision,
-                                              trust_pickle=trust_pickle)
+                                              trust_pickle=trust_pickle, max_memory=max_memory)
     except CheckpointError as err:
         raise ValueError(str(err)) from None
 
@@ -131,9 +138,41 @@ def _error(message, status=2):
     return status
 
 
+def build_onnx_engine(path, max_memory=None):
+    """The ONNX Runtime engine of a ``vlunet-export`` file (:class:`vlunet.inference.onnx_backend.OnnxEngine`)."""
+    import importlib.util
+    if importlib.util.find_spec('onnxruntime') is None or importlib.util.find_spec('onnx') is None:
+        raise ValueError('--backend onnxruntime needs onnx and onnxruntime: pip install -e ".[export]"')
+    from vlunet.inference.onnx_backend import OnnxEngine
+    return OnnxEngine.from_file(path, max_memory=max_memory)
+
+
+def _backend_problem(args):
+    """None, or why the backend options do not go together."""
+    if args.backend is None:
+        args.backend = 'onnxruntime' if args.onnx else 'pytorch'
+    if args.backend == 'onnxruntime':
+        if not args.onnx:
+            return '--backend onnxruntime needs --onnx FILE.onnx (written by vlunet-export)'
+        if args.opt or args.model:
+            return ('-opt/--model describe a PyTorch model; with --backend onnxruntime the ONNX file (--onnx) holds the '
+                    'network: leave them out')
+        if args.precision not in (None, 'fp32'):
+            return f'--precision {args.precision}: an exported ONNX model computes in fp32 (leave --precision out)'
+        if args.device not in (None, 'cpu'):
+            return f'--device {args.device}: --backend onnxruntime runs on the CPU'
+    else:
+        if args.onnx:
+            return '--onnx is read by --backend onnxruntime'
+        if not args.opt:
+            return '-opt is required (a train or test option file), or --backend onnxruntime --onnx FILE.onnx'
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='vlunet-restore', description=__doc__.split('\n\n')[0])
-    parser.add_argument('-opt', required=True, help='train or test option file (network_g, network_clip, weights)')
+    parser.add_argument('-opt', help='train or test option file (network_g, network_clip, weights); required unless '
+                                     '--backend onnxruntime')
     parser.add_argument('-i', '--input', required=True, help='an image or a folder of images')
     parser.add_argument('-o', '--output', required=True,
                         help='output folder (created if missing; never the input folder, nor inside or above it)')
@@ -146,9 +185,19 @@ def main(argv=None):
     parser.add_argument('--save-stages', action='store_true',
                         help='also write a PNG per image with every unfolding stage (VLU-Net; with --tile only '
                              'for images that fit in one tile)')
-    parser.add_argument('--max-pixels', type=int, default=DEFAULT_MAX_PIXELS,
+    parser.add_argument('--max-pixels', type=int, default=None,
                         help=f'skip images with more pixels, checked from the header before decoding (default '
-                             f'{DEFAULT_MAX_PIXELS} = 2048x2048; 0: no limit)')
+                             f'{DEFAULT_MAX_PIXELS} = 2048x2048, or with --max-memory what its image buffers allow; '
+                             '0: no limit)')
+    parser.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'), default=None,
+                        help='autocast precision of the network (default fp32; fp16 only where the device computes in '
+                             'float16)')
+    parser.add_argument('--max-memory', metavar='SIZE',
+                        help='memory budget of the process, e.g. 3G, 512M (binary units K, M, G): images that would '
+                             'not fit run in tiles sized from the measured memory of the network; the report says so')
+    parser.add_argument('--backend', choices=('pytorch', 'onnxruntime'), default=None,
+                        help='pytorch (default) or onnxruntime (a model written by vlunet-export, see --onnx)')
+    parser.add_argument('--onnx', metavar='FILE.onnx', help='the exported model (--backend onnxruntime)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace the results of an earlier run in the output folder')
     parser.add_argument('--trust-pickle', action='store_true',
@@ -156,6 +205,19 @@ def main(argv=None):
                              'stored in the file: only for files from a source you trust)')
     args = parser.parse_args(argv)
 
+    problem = _backend_problem(args)
+    if problem:
+        return _error(problem)
+    from vlunet.inference.memory import budget_pixel_limit, parse_memory
+    try:
+        max_memory = parse_memory(args.max_memory)
+    except ValueError as err:
+        return _error(err.args[0])
+    if max_memory and args.tile:
+        return _error('--tile and --max-memory: give one of them (with --max-memory the tile is chosen for each image '
+                      'from the budget)')
+    if args.max_pixels is None:
+        args.max_pixels = budget_pixel_limit(max_memory) if max_memory else DEFAULT_MAX_PIXELS
     if args.max_pixels < 0:
         return _error(f'--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}')
     problem = check_tiling(args.tile, args.tile_overlap)
@@ -176,9 +238,19 @@ def main(argv=None):
 
     import torch
     from tqdm import tqdm
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+
+    from vlunet.inference.memory import MemoryBudgetError
+    from vlunet.inference import precision_problem
+    device = args.device or ('cuda' if torch.cuda.is_available() and args.backend == 'pytorch' else 'cpu')
+    problem = precision_problem(args.precision or 'fp32', device)
+    if problem:
+        return _error(problem)
     try:
-        engine = build_engine(args.opt, args.model, device, trust_pickle=args.trust_pickle)
+        if args.backend == 'onnxruntime':
+            engine = build_onnx_engine(args.onnx, max_memory)
+        else:
+            engine = build_engine(args.opt, args.model, device, trust_pickle=args.trust_pickle,
+                                  precision=args.precision or 'fp32', max_memory=max_memory)
     except (FileNotFoundError, KeyError, ValueError) as err:
         return _error(err.args[0] if err.args else err)
     try:
@@ -205,7 +277,11 @@ def main(argv=None):
                 hint = '; --max-pixels N raises the limit (0: none)' if isinstance(err, ImageTooLargeError) else ''
                 skipped.append({'file': name, 'reason': err.reason + hint})
                 continue
-            result = engine.restore(rgb, args.tile, args.tile_overlap, stages=args.save_stages)
+            try:
+                result = engine.restore(rgb, args.tile, args.tile_overlap, stages=args.save_stages, name=name)
+            except MemoryBudgetError as err:
+                skipped.append({'file': name, 'reason': str(err)})
+                continue
             save_restored(os.path.join(args.output, name), result, info)
             if result.stage_grid is not None:
                 grid = f'{os.path.splitext(name)[0]}_stages.png'
@@ -218,10 +294,13 @@ def main(argv=None):
                 notes.append(f'{name}: {result.note}')
             row = {'image': name, 'width': rgb.shape[1], 'height': rgb.shape[0], 'top_type': result.top_type}
             row.update({f'p({prompt})': round(p, 6) for prompt, p in result.report.items()})
+            row.update({'precision': result.precision, 'tiles': result.tiles, 'tile': result.tile or '',
+                        'tiling': result.tiling, 'seconds': round(result.seconds, 3)})
             rows.append(row)
 
-        report = {'model': args.model or 'path.pretrain_network_g of ' + args.opt, 'images': rows,
-                  'skipped': skipped}
+        model = args.onnx if args.backend == 'onnxruntime' else args.model or 'path.pretrain_network_g of ' + args.opt
+        report = {'model': model, 'backend': args.backend, 'precision': args.precision or 'fp32',
+                  'max_memory': args.max_memory, 'images': rows, 'skipped': skipped}
         write_json_atomic(os.path.join(args.output, 'report.json'), report)
         if rows:
             fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -243,6 +322,9 @@ def main(argv=None):
         print(f'skipped {entry["file"]}: {entry["reason"]}')
     for note in notes:
         print(note)
+    for row in rows:
+        if row['tiles'] > 1 and max_memory:
+            print(f'{row["image"]}: {row["tiling"]}')
     return 0
 
 

@@ -351,7 +351,8 @@ class VLUNetModel(VLUNetBaseModel, SRModel):
         engine = self.engine
         engine.precision = parse_amp(val_opt.get('amp', False), 'val.amp')
         self.output = engine.forward(self.lq, label=self.label, net=net, tile=val_opt.get('tile'),
-                                     tile_overlap=val_opt.get('tile_overlap', 16)).float()
+                                     tile_overlap=val_opt.get('tile_overlap', 16),
+                                     max_memory=val_opt.get('max_memory')).float()  # a budget tiles what won't fit
         if was_training:
             net.train()
 

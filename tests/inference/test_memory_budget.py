@@ -1,0 +1,96 @@
+"""Memory budgets (vlunet.inference.memory): sizes as people write them, the meter and the calibration
+measured against allocations of known size, and the tile a budget chooses."""
+import math
+
+import pytest
+import torch
+
+from vlunet.inference.memory import (SAFETY, MemoryBudgetError, MemoryMeter, MemoryModel, budget_pixel_limit,
+                                     cached_model, calibrate, format_bytes, image_buffer_bytes, parse_memory,
+                                     plan_tiles)
+
+MiB, GiB = 2**20, 2**30
+
+
+@pytest.mark.parametrize('text,expected', [('3G', 3 * GiB), ('3g', 3 * GiB), ('3GB', 3 * GiB), ('3GiB', 3 * GiB),
+                                           ('512M', 512 * MiB), ('1.5G', int(1.5 * GiB)), ('800K', 800 * 1024),
+                                           (' 2 G ', 2 * GiB), ('1000', 1000), (4096, 4096)])
+def test_sizes_are_read_in_binary_units(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize('text', ['3X', 'G', '-1G', 'three', '1..5G', '0G', True])
+def test_a_size_that_is_not_one_is_named(text):
+    with pytest.raises(ValueError, match='--max-memory'):
+        parse_memory(text)
+
+
+def test_no_budget_and_readable_sizes():
+    assert parse_memory(None) is None and parse_memory('') is None
+    assert format_bytes(3 * GiB) == '3.0 GiB' and format_bytes(512 * MiB) == '512 MiB'
+    assert budget_pixel_limit(3 * GiB) > 12_000_000  # a 12-megapixel photo is allowed under 3G
+
+
+def test_the_meter_sees_an_allocation_and_its_peak():
+    meter = MemoryMeter('cpu')
+    if not meter.available:
+        pytest.skip('no /proc on this system')
+    meter.start()
+    before = meter.in_use()
+    block = torch.ones(64 * MiB // 4)  # 64 MiB, touched
+    peak = meter.peak()
+    del block
+    assert peak - before >= 60 * MiB
+
+
+def test_calibration_measures_what_a_forward_allocates_per_pixel():
+    """A fake network that allocates (and touches) exactly 4000 bytes per input pixel besides its output."""
+    if not MemoryMeter('cpu').available:
+        pytest.skip('no /proc on this system')
+
+    def run(x):
+        scratch = torch.ones(x.shape[-2] * x.shape[-1] * 1000)  # 4000 bytes per pixel
+        return x * scratch[:1]
+
+    model = calibrate(run, 'cpu')
+    # the scratch (4000 B/px) and the output (12 B/px) are measured; allocator pages and RSS noise are small
+    assert 3900 <= model.per_pixel <= 4600, model
+    assert model.fixed < 8 * MiB, model
+    assert len(model.samples) == 2 and model.samples[1][0] > model.samples[0][0]
+
+
+def test_a_cached_model_is_measured_once(tmp_path, monkeypatch):
+    monkeypatch.setenv('VLUNET_CACHE_DIR', str(tmp_path))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return MemoryModel(1000.0, 10.0)
+
+    description = {'arch': 'test', 'layout': str(tmp_path)}
+    assert cached_model(description, measure).per_pixel == 10.0
+    assert cached_model(description, measure).per_pixel == 10.0
+    assert calls == [1] and (tmp_path / 'memory_models.json').is_file()
+    from vlunet.inference import memory
+    memory._MODELS.clear()  # a new process: read from the disk cache, not measured again
+    assert cached_model(description, measure).fixed == 1000.0 and calls == [1]
+
+
+def test_the_plan_runs_whole_what_fits_and_tiles_the_rest_within_the_budget():
+    model = MemoryModel(fixed=10 * MiB, per_pixel=2000.0)
+    in_use, budget = 500 * MiB, 3 * GiB
+    small = plan_tiles(model, budget, in_use, 1, 1000, 800, 32)
+    assert small.tile is None and 'whole image' in small.reason and small.estimate <= budget
+    big = plan_tiles(model, budget, in_use, 1, 3000, 4000, 32)
+    assert big.tile is not None and big.tile % 8 == 0 and big.estimate <= budget
+    # the largest tile: one 8 px larger would not fit
+    room = budget - in_use - image_buffer_bytes(1, 3000, 4000)
+    assert model.forward_bytes(big.tile ** 2) <= room < model.forward_bytes((big.tile + 8) ** 2)
+    assert f'tiles of {big.tile} px' in big.reason and '3.0 GiB' in big.reason
+    assert math.isclose(model.forward_bytes(1), SAFETY * (10 * MiB + 2000))
+
+
+def test_a_budget_too_small_for_any_tile_is_one_clear_error():
+    model = MemoryModel(fixed=10 * MiB, per_pixel=2000.0)
+    with pytest.raises(MemoryBudgetError, match=r'photo.png \(4000x3000\) does not fit the memory budget of 1.0 GiB'):
+        plan_tiles(model, GiB, 900 * MiB, 1, 3000, 4000, 32, what='photo.png')
