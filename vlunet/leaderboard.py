@@ -363,10 +363,10 @@ def build_rows(folders: List[Folder], setting: str) -> List[Row]:
         key = (card.name if card else '?', _variant_name(card, variant), suffix)
         if key not in rows:
             rows[key] = Row(_variant_name(card, variant) + suffix, card, variant)
-            if not suffix and card is not None:
+            if card is not None:   # a second folder of the same method and column: its own row, the same paper
                 published = published_for(card, setting, variant.name if variant else None)
                 if published:
-                    rows[key].paper, rows[key].quotes = published[0], published[1:]
+                    rows[key].paper, rows[key].quotes = published[0], ([] if suffix else published[1:])
         return rows[key]
 
     for card in list_methods():  # every method with published numbers for the setting, in card order
@@ -646,6 +646,10 @@ def average_table(board: Leaderboard):
         for q in row.quotes:
             notes += [f'{flag} ({q.results.quoted_in})' for flag in q.flags if flag.startswith(DAGGER)]
         for origin in ORIGINS:
+            f = row.folders.get(origin)
+            unaveraged = board.notes_by_dir.get(f.dir, {}).get('unaveraged') if f else None
+            if unaveraged:
+                notes.append(f'{origin} not averaged: {"; ".join(unaveraged)}')
             if _differs(board, row, origin):
                 notes.append(f'{DDAGGER} {origin}: test set differs')
         reference = paper.best_average if paper else None
