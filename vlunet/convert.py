@@ -3,10 +3,11 @@
     vlunet-convert SRC DST [--arch NAME] [--arch-opt KEY=VALUE ...] [--clip-out PATH] [--trust-pickle]
     python -m vlunet.convert ...
 
-SRC may be any format read by :func:`vlunet.utils.checkpoint.load_published_state_dict`
-(VLU-Net / PromptIR / AdaIR / MoCE-IR Lightning .ckpt, Restormer .pth, DGUNet .pth, DFPIR .pth.tar,
-BasicSR files, a bare state_dict). The architecture and its constructor arguments are inferred from the keys and
-shapes unless given; the network is built from BasicSR's ARCH_REGISTRY and the weights must
+SRC may be any format read by :func:`vlunet.utils.checkpoint.load_published_state_dict` (the
+published formats the method cards list: Lightning .ckpt, {'params'}, {'state_dict'} with or without
+'module.', files of pickled modules read without their code; BasicSR files, a bare state_dict). The
+method and its constructor arguments are recognised from the keys and shapes by the method cards
+(:func:`vlunet.archs.card.identify`) unless given; the network is built from BasicSR's ARCH_REGISTRY and the weights must
 load into it with ``strict=True``, otherwise nothing is written and the missing / unexpected
 keys and shape mismatches are reported. Outputs are written atomically (temporary file, then
 rename), so a failed run never leaves a partial file. DST equal to SRC, or ``--clip-out`` equal

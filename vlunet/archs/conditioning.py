@@ -1,15 +1,17 @@
 """What a restoration network takes besides the image: the one place that says so.
 
-An arch class declares it with a class attribute ``condition``:
+A method's card says it (``MethodCard.condition``, :mod:`vlunet.archs.card`); an arch without a card
+(BasicSR's, a user's own) may declare it with a class attribute ``condition``:
 
-* ``None`` (default): ``net(img)``. Restormer, PromptIR, DGUNet, AdaIR, MoCE-IR, any BasicSR arch.
+* ``None`` (default): ``net(img)``. Most methods, any BasicSR arch.
 * ``'degradation_embedding'``: ``net(img, embedding)`` with the (B, CLIP_DIM) CLIP *image*
   embedding of the degraded input (VLU-Net's ``degradation``).
 * ``'text_embedding'``: ``net(img, text_code)`` with a (B, CLIP_DIM) CLIP *text* embedding of the
   task prompt (DFPIR's ``text_code``).
 
-The model, ``vlunet-restore``, ``vlunet-compare`` and the benchmarks ask :func:`condition_of`
-instead of testing arch names. This module imports nothing but BasicSR's registry.
+:func:`condition_of` reads the class attribute; the package asks the card
+(``vlunet.archs.card.card_for(net).condition``), which falls back to it. This module imports nothing
+but BasicSR's registry.
 """
 from basicsr.utils.registry import ARCH_REGISTRY
 

@@ -4,7 +4,7 @@ training, testing and restoring.
 A method's card says which kind of input its network takes (:mod:`vlunet.archs.conditioning`):
 
 * none: ``net(img)``;
-* a CLIP image embedding of the degraded input: ``net(img, network_clip(img))`` (VLU-Net), computed
+* a CLIP image embedding of the degraded input: ``net(img, network_clip(img))`` (e.g. VLU-Net), computed
   once per batch (or image) and also used for the degradation report;
 * a CLIP text embedding of the task prompt: ``net(img, text_codes[k])``, the table of one code per
   label computed once by CLIP's text tower (``text_embedding`` options), ``k`` the image's known

@@ -1,14 +1,18 @@
 """``VLUNetModel``: one all-in-one restoration model for VLU-Net and its peers.
 
-Builds ``network_g`` from the registry (VLUNet, PromptIR, Restormer, DGUNet, or any BasicSR
-arch). With ``network_clip`` set, the frozen degradation-aware CLIP encoder embeds every ``lq``
-batch once (no_grad) and the embedding is the second argument of ``network_g`` (VLU-Net's
-``degradation``). Networks that return a list of stage images (DGUNet) get the pixel loss on
-every stage, as published, and the first image is the result.
+Builds ``network_g`` from the registry (any method of :mod:`vlunet.archs`, or any BasicSR arch) and
+reads what the package knows of it from its method card (:mod:`vlunet.archs.card`): what the network
+takes besides the image (with ``network_clip`` set, the frozen degradation-aware CLIP encoder embeds
+every ``lq`` batch once, no_grad; a text-conditioned network gets its ``text_embedding`` codes), what
+its forward returns (the images the pixel loss supervises: every stage of a network that returns its
+stages, as published; named auxiliary outputs), and its own training terms. Every ``train.<name>_opt``
+besides ``pixel_opt``, ``perceptual_opt`` and ``clip_opt`` is a loss term ``l_<name>``; a term with
+``after_network_step`` trains networks of its own after each optimizer step. Validation and
+``vlunet-test`` restore through the one inference engine (:class:`vlunet.inference.RestorationEngine`).
 
 Option keys beyond SRModel's (see options/train/VLUNet_*.yml)::
 
-    network_clip:                 # optional; absent for PromptIR/Restormer/DGUNet
+    network_clip:                 # optional; for networks that take a CLIP image embedding
       type: DegradationCLIP
       ...                         # its constructor kwargs
       load_path: experiments/CLIPAdapter_NHR/models/clip_adapters_latest.pth   # adapters (or whole net)
@@ -16,6 +20,7 @@ Option keys beyond SRModel's (see options/train/VLUNet_*.yml)::
       optim_g: {type: AdamW, lr: !!float 2e-4, weight_decay: !!float 1e-4}
       scheduler: {type: LinearWarmupCosineLR, warmup_iter: ..., total_iter: ...}
       pixel_opt: {type: L1Loss, loss_weight: 1.0}
+      fft_opt: {type: FFTLoss, loss_weight: 0.1}     # optional: any other loss term (a method's own: its card)
       clip_opt: {type: DegradationContrastiveLoss}   # optional: train CLIP adapters alongside
       optim_clip: {type: Adam, lr: !!float 1e-3}
     val:
