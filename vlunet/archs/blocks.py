@@ -705,9 +705,14 @@ class FeedForward(nn.Module):
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=bias)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
+    def activate_input(self, x):
+        """What runs between ``project_in`` and the depthwise conv (nothing in GDFN; a variant may
+        override it, e.g. MIRAGE's GELU; it must keep zero channels zero, for the fused path's padding)."""
+        return x
+
     def forward(self, x, residual=None, norm=None):
         if not use_fused(x):
-            a, b = self.dwconv(self.project_in(x if norm is None else norm(x))).chunk(2, dim=1)
+            a, b = self.dwconv(self.activate_input(self.project_in(x if norm is None else norm(x)))).chunk(2, dim=1)
             out = self.project_out(F.gelu(a) * b)
             return out if residual is None else residual + out
         hidden = self.project_out.weight.shape[1]
@@ -718,7 +723,7 @@ class FeedForward(nn.Module):
             src = NormLinear.apply(x, norm.body.weight, norm.body.bias, w_in, b_in)
         else:
             src = linear_map(x if norm is None else norm(x), w_in, b_in)
-        return GatedLinear.apply(src, _pad_out_channels(self.dwconv.weight, pad),
+        return GatedLinear.apply(self.activate_input(src), _pad_out_channels(self.dwconv.weight, pad),
                                  _pad_out_channels(self.dwconv.bias, pad), _flat(self.project_out.weight),
                                  self.project_out.bias, residual, hidden)
 

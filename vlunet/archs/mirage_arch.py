@@ -79,9 +79,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from vlunet.archs.blocks import (ChannelAttention, Downsample, FeedForward, GatedLinear, LayerNorm, NormLinear,
-                                 OverlapPatchEmbed, Upsample, _flat, _pad_out_channels, channel_attention, crop_to,
-                                 linear_map, pad_to_multiple, use_fused)
+from vlunet.archs.blocks import (ChannelAttention, Downsample, FeedForward, LayerNorm, OverlapPatchEmbed, Upsample,
+                                 _flat, channel_attention, crop_to, linear_map, pad_to_multiple, use_fused)
 from vlunet.archs.card import (CheckpointFormat, MethodCard, NetworkOutput, PublishedResults, ReferenceCode,
                                TrainingTerm, Variant, count_blocks, expansion_factor, layer_norm_type, lightning_layout,
                                register_card)
@@ -248,26 +247,12 @@ class GeluFeedForward(FeedForward):
     """MIRAGE's FFN: GDFN with a GELU between ``project_in`` and the depthwise conv,
     ``project_out(gelu(a) * b)`` with ``(a, b) = dwconv(gelu(project_in(x)))`` (same keys as GDFN).
 
-    ``forward(x, residual=None, norm=None)`` as :class:`~vlunet.archs.blocks.FeedForward` (the fused
-    path pads the hidden channels the same way: gelu(0) = 0 keeps the padding zero).
+    ``forward(x, residual=None, norm=None)`` is :class:`~vlunet.archs.blocks.FeedForward`'s with this
+    GELU as its ``activate_input`` (the fused path pads the hidden channels: gelu(0) = 0 keeps them zero).
     """
 
-    def forward(self, x, residual=None, norm=None):
-        if not use_fused(x):
-            a, b = self.dwconv(F.gelu(self.project_in(x if norm is None else norm(x)))).chunk(2, dim=1)
-            out = self.project_out(F.gelu(a) * b)
-            return out if residual is None else residual + out
-        hidden = self.project_out.weight.shape[1]
-        pad = -2 * hidden % self.CHANNEL_ALIGN
-        w_in = _pad_out_channels(_flat(self.project_in.weight), pad)
-        b_in = _pad_out_channels(self.project_in.bias, pad)
-        if norm is not None and norm.with_bias:
-            src = NormLinear.apply(x, norm.body.weight, norm.body.bias, w_in, b_in)
-        else:
-            src = linear_map(x if norm is None else norm(x), w_in, b_in)
-        return GatedLinear.apply(_gelu(src), _pad_out_channels(self.dwconv.weight, pad),
-                                 _pad_out_channels(self.dwconv.bias, pad), _flat(self.project_out.weight),
-                                 self.project_out.bias, residual, hidden)
+    def activate_input(self, x):
+        return _gelu(x)  # a fresh tensor: in place when no gradient is recorded through it
 
 
 class TransformerBlock(nn.Module):
