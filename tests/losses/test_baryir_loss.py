@@ -204,9 +204,11 @@ def test_option_files_map_our_labels_to_the_published_potentials(setting, k):
     with open(os.path.join(REPO, 'options', 'train', f'BaryIR_{setting}.yml')) as f:
         opt = __import__('yaml').load(f, Loader=ordered_yaml()[0])
     term = opt['train'][CARD.training_terms[0].key]
-    assert term['potentials']['size'] == opt['datasets']['train']['gt_size']
+    # 'auto': built at first use for the first batch's latent (8 x its side: the training patch)
+    assert term['potentials']['size'] == 'auto'
+    term = dict(term, potentials=dict(term['potentials'], size=opt['datasets']['train']['gt_size']))
     with torch.device('meta'):
-        loss = build_loss(dict(term))
+        loss = build_loss(term)
     assert loss.num_sources == k and loss.potentials.num_potentials == k
     sources = opt['datasets']['train']['sources']
     counts = [0] * k
