@@ -88,7 +88,7 @@ def _cards():
 
 
 def select_methods(names=None, quick=False):
-    """``[(label, method name, variant name or None)]`` to measure, in card order.
+    """``[(label, method name, variant name or None)]`` to measure, in the order of ``names``.
 
     Full size: the released configurations ``names`` picks (a variant's name or option stem; a
     method's name gives its main variant), by default those of ``benchmark_archs.default_selection``

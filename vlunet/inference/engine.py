@@ -209,7 +209,8 @@ class BudgetedTiling:
         if max_memory:
             plan = self.plan(batch, height, width, tile_overlap, net, max_memory, what)
             if plan.tile:
-                return plan.tile, f'{tile_count(height, width, plan.tile, tile_overlap)} {plan.reason}'
+                n = tile_count(height, width, plan.tile, tile_overlap)
+                return plan.tile, f'{n} tiles of {plan.tile} px with {tile_overlap} px overlap, {plan.reason}'
             return None, plan.reason
         return None, 'whole image'
 

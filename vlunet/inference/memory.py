@@ -355,8 +355,8 @@ def plan_tiles(model, budget, in_use, batch, height, width, overlap, channels=3,
             'raise --max-memory, or restore smaller images')
     tile_bytes = model.forward_bytes(batch * side * side)
     return TilePlan(side, f'tiled by the memory budget: the whole image would need about '
-                          f'{format_bytes(in_use + buffers + whole)}, more than {format_bytes(budget)}; tiles of {side} px '
-                          f'({overlap} px overlap) need about {format_bytes(in_use + buffers + tile_bytes)}',
+                          f'{format_bytes(in_use + buffers + whole)}, more than {format_bytes(budget)}; with tiles of '
+                          f'{side} px about {format_bytes(in_use + buffers + tile_bytes)}',
                     in_use + buffers + tile_bytes, budget)
 
 
