@@ -155,15 +155,13 @@ def count_gmacs(network_opt, size=GMAC_SIZE):
 
     import vlunet  # noqa: F401
     from basicsr.archs import build_network
-    from vlunet.archs.conditioning import CLIP_DIM, condition_of
+    from vlunet.archs.card import card_for, example_inputs
 
     def count(device):
         with torch.device(device):
             net = build_network(dict(network_opt)).eval()
             g = torch.Generator(device).manual_seed(0) if device == 'cpu' else None
-            x = torch.rand(1, 3, size, size, generator=g) if g else torch.empty(1, 3, size, size)
-            args = (x, ) if condition_of(net) is None else (x, torch.randn(1, CLIP_DIM, generator=g) if g else
-                                                              torch.empty(1, CLIP_DIM))
+            args = example_inputs(card_for(net), 1, size, size, generator=g, device=device)  # what its card says it takes
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
                 net(*args)

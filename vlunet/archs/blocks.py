@@ -1,4 +1,5 @@
-"""Restormer-family building blocks, shared by Restormer, PromptIR and VLU-Net.
+"""Restormer-family building blocks, shared by every transformer method of the package (MDTA, GDFN,
+LayerNorm, patch embedding, down- and up-sampling, and the fused Functions).
 
 Every block works on (B, C, H, W) feature maps. Parameter names follow the published models
 (``body.weight`` of a LayerNorm, ``qkv``/``qkv_dwconv``/``project_out``/``temperature`` of MDTA,

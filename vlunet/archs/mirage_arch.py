@@ -188,7 +188,9 @@ class GatedCNNBlock(nn.Module):
     def forward(self, x):
         hidden, c = self.hidden, self.channels
         p, i, k = torch.split(_pointwise(self.gic1, self.norm(x)), (hidden, hidden - c, c), dim=1)
-        y = _pointwise(self.gic2, _gelu(p / self.temperature) * torch.cat([i, self.dynamic_conv(k)], 1))
+        # the temperature in p's dtype: under autocast the gate stays in the autocast dtype (a float32
+        # scalar would promote two hidden-width maps, saved for the backward pass, to float32)
+        y = _pointwise(self.gic2, _gelu(p / self.temperature.to(p.dtype)) * torch.cat([i, self.dynamic_conv(k)], 1))
         return _pointwise(self.proj_out, x + self.drop_path(y))
 
 

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (LN_EPS, Attention, ChannelCrossAttention, Downsample, FeedForward, LayerNorm,
@@ -81,9 +82,17 @@ class FFTAttention(nn.Module):
         self.proj_out = nn.Conv2d(dim, dim, kernel_size=1)
 
     def forward(self, x):
-        b, c, h, w = x.shape
         q = self.q_dwconv(self.q(x))
         k, v = self.kv_dwconv(self.kv(x)).chunk(2, dim=1)
+        if torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+            # under autocast the float32 section would save five float32 maps for the backward pass;
+            # it keeps its inputs (in the autocast dtype) and is recomputed, the same way, in the backward
+            return checkpoint(self.correlate, q, k, v, use_reentrant=False)
+        return self.correlate(q, k, v)
+
+    def correlate(self, q, k, v):
+        """``proj_out(LN(irfft2(rfft2(q) * rfft2(k))) * v)`` for the patches of q, k (B, C, H, W)."""
+        b, c, h, w = q.shape
         # float32 in the published (NCHW) layout: the FFT and reduction rounding is then the published one
         q, k = (_patches(t.to(torch.float32, memory_format=torch.contiguous_format), self.patch_size) for t in (q, k))
         corr = torch.fft.irfft2(torch.fft.rfft2(q) * torch.fft.rfft2(k), s=(self.patch_size, self.patch_size))
