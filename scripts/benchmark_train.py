@@ -20,7 +20,11 @@ random (B, 512) embedding. Configurations (``--configs``, join features with ``+
 Samples/s is the batch over the median step time after one warm-up step. Peak memory is that of
 the steps above the built network and inputs (CPU: peak resident set, CUDA:
 ``torch.cuda.max_memory_allocated``; it holds gradients, AdamW state and activations), measured
-in a fresh process per measurement, so figures do not mix. For a bf16/fp16 configuration the
+in a fresh process per measurement, so figures do not mix. On CPU the process first makes glibc give
+large freed blocks back to the system (``vlunet.inference.memory.return_freed_memory``, as the
+inference memory budget does), so the resident set follows the memory in use instead of what the C
+allocator keeps cached; what stays resident is still counted (e.g. oneDNN's bf16 kernel caches, about
+0.1 GB). For a bf16/fp16 configuration the
 table also gives its peak memory and speed relative to the same configuration in float32
 (``bf16`` against ``fp32``, ``bf16+checkpoint`` against ``checkpoint``): the speed as wall-clock
 samples/s and, in brackets, as process CPU time per step (steadier on a shared machine).
@@ -186,6 +190,9 @@ def measure_train(method, variant, config, device, threads, batch, size, steps, 
     import torch
     torch.set_num_threads(threads)
     card = _cards().get_card(method)  # imports vlunet (which fixes basicsr) first
+    if torch.device(device).type == 'cpu':
+        from vlunet.inference.memory import return_freed_memory
+        return_freed_memory()  # the resident set follows the memory in use (see the module docstring)
     from basicsr.archs import build_network
     features = parse_config(config)
     micro = ACCUMULATION if 'accum2' in features else 1

@@ -215,3 +215,16 @@ def test_per_sample_depthwise_paths_agree():
     for j in range(3):  # sample j with its own kernels only
         torch.testing.assert_close(loop[j:j + 1], F.conv2d(x[j:j + 1], kernels[j], padding=3, groups=4), rtol=0,
                                    atol=1e-13)
+
+
+def test_gelu_gate_keeps_two_maps_and_has_autograd_s_gradients():
+    from vlunet.archs.mirage_arch import GeluGate
+    a, b = (torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(GeluGate.apply, (a, b))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = GeluGate.apply(a, b)
+    assert len(saved) == 2 and all(s is a or s is b for s in saved)
+    ga, gb = torch.autograd.grad(out.sum(), (a, b))
+    ra, rb = torch.autograd.grad((torch.nn.functional.gelu(a) * b).sum(), (a, b))
+    assert torch.equal(ga, ra) and torch.equal(gb, rb)

@@ -77,10 +77,12 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import (ChannelAttention, Downsample, FeedForward, LayerNorm, OverlapPatchEmbed, Upsample,
-                                 _flat, channel_attention, crop_to, linear_map, pad_to_multiple, use_fused)
+                                 _flat, _gelu_grad, channel_attention, crop_to, linear_map, pad_to_multiple,
+                                 use_fused)
 from vlunet.archs.card import (CheckpointFormat, MethodCard, NetworkOutput, PublishedResults, ReferenceCode,
                                TrainingTerm, Variant, count_blocks, expansion_factor, layer_norm_type, lightning_layout,
                                register_card)
@@ -158,6 +160,31 @@ def per_sample_depthwise(x, kernels, per_sample=True):
     return out.reshape(b, c, h, w)
 
 
+class GeluGate(torch.autograd.Function):
+    """``gelu(a) * b`` keeping only a and b for the backward pass, which recomputes gelu(a): one
+    hidden-width map fewer than autograd saves for ``F.gelu(a) * b``, with the same results."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.gelu(a) * b
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = _gelu_grad((grad * b).to(a.dtype), a) if ctx.needs_input_grad[0] else None
+        grad_b = (grad * F.gelu(a)).to(b.dtype) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def _gelu_gate(a, b):
+    """``gelu(a) * b``: through :class:`GeluGate` where a gradient is recorded, else in place in a."""
+    if use_fused(a) and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return GeluGate.apply(a, b)
+    return _gelu(a) * b
+
+
 class GatedCNNBlock(nn.Module):
     """The gated branch (published ``GatedCNNBlock`` with its hard-coded settings: expansion 8/3,
     dynamic 7x7 kernels on all c channels, BatchNorm, GELU, DropPath 0.1); see the module docstring."""
@@ -190,7 +217,7 @@ class GatedCNNBlock(nn.Module):
         p, i, k = torch.split(_pointwise(self.gic1, self.norm(x)), (hidden, hidden - c, c), dim=1)
         # the temperature in p's dtype: under autocast the gate stays in the autocast dtype (a float32
         # scalar would promote two hidden-width maps, saved for the backward pass, to float32)
-        y = _pointwise(self.gic2, _gelu(p / self.temperature.to(p.dtype)) * torch.cat([i, self.dynamic_conv(k)], 1))
+        y = _pointwise(self.gic2, _gelu_gate(p / self.temperature.to(p.dtype), torch.cat([i, self.dynamic_conv(k)], 1)))
         return _pointwise(self.proj_out, x + self.drop_path(y))
 
 
