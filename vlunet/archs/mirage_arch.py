@@ -316,7 +316,7 @@ def spd_vector(feat):
     rows = feat.permute(0, 2, 3, 1).reshape(b, -1, c)  # (B, N, C) pixel rows
     centred = rows - rows.mean(1, keepdim=True)
     cov = centred.transpose(1, 2) @ centred / (rows.shape[1] - 1)
-    cov.diagonal(dim1=1, dim2=2).add_(SPD_EPS)
+    cov = cov + SPD_EPS * torch.eye(c, dtype=cov.dtype, device=cov.device)  # not in place: exportable graphs
     return cov.reshape(b, c * c)
 
 
