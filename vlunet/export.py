@@ -88,19 +88,20 @@ def _graphs():
             super().__init__()
             self.net, self.card, self.conditioning = net, card, conditioning
             if code is not None:
-                self.register_buffer('code', code.float().reshape(1, -1).clone())
+                # not 'code'/'codes': torch.export lifts these buffers next to the network's own names
+                self.register_buffer('prompt_code', code.float().reshape(1, -1).clone())
             if codes is not None:
-                self.register_buffer('codes', codes.float().clone())
+                self.register_buffer('prompt_codes', codes.float().clone())
                 self.register_buffer('text_features', text_features.float().clone())
 
         def forward(self, image, embedding=None):
             if self.conditioning == 'embedding':
                 out = self.net(image, embedding)
             elif self.conditioning == 'task':
-                out = self.net(image, self.code.expand(image.shape[0], -1))
+                out = self.net(image, self.prompt_code.expand(image.shape[0], -1))
             elif self.conditioning == 'blind':  # the prompt of the type CLIP classifies the image as
                 index = torch.argmax(embedding @ self.text_features.t(), dim=1)
-                out = self.net(image, self.codes[index])
+                out = self.net(image, self.prompt_codes[index])
             else:
                 out = self.net(image)
             return self.card.read_output(self.net, out).image
