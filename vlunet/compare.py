@@ -42,28 +42,8 @@ def _load_json(path):
         raise ResultError(f'{path}: cannot be read as JSON ({err})') from None
 
 
-MEAN_OF_SETS = 'mean_of_sets'   # metrics.json's entry for the mean over its sets (not a set itself)
-NOT_AVERAGED = ('images', 'seconds')
-
-
-def mean_of_sets(metrics):
-    """``{metric: mean of the per-set values, 'sets': [...], 'images': total}`` over the validation sets of a
-    ``metrics.json`` dict, for every finite number all its sets hold (how the CDD-11 average is published: the mean
-    of the 11 per-type means, not of the images); None without sets."""
-    sets = {name: entry for name, entry in metrics.items() if name != MEAN_OF_SETS and isinstance(entry, dict)}
-    if not sets:
-        return None
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    keys = [k for k, v in next(iter(sets.values())).items() if number(v) and k not in NOT_AVERAGED
-            and all(number(e.get(k)) for e in sets.values())]
-    mean = {k: round(float(np.mean([e[k] for e in sets.values()])), 6) for k in keys}
-    mean.update(sets=sorted(sets), images=sum(int(e.get('images') or 0) for e in sets.values()))
-    return mean
-
-
 def load_result(result_dir):
-    """``{'name', 'metrics': {set: {...}}, 'model': {...}, 'mean_of_sets'}`` of one results folder."""
+    """``{'name', 'metrics': {set: {...}}, 'model': {...}}`` of one results folder."""
     metrics_path = os.path.join(result_dir, 'metrics.json')
     if not os.path.isfile(metrics_path):
         raise FileNotFoundError(f'{result_dir}: no metrics.json (expected a results/<name>/ folder of vlunet-test)')
@@ -73,9 +53,8 @@ def load_result(result_dir):
     if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
         raise ResultError(f'{metrics_path}: expected {{validation set: {{psnr, ssim, ...}}}}, got '
                           f'{type(metrics).__name__}')
-    mean = metrics.pop(MEAN_OF_SETS, None)
     return {'name': os.path.basename(os.path.normpath(result_dir)), 'dir': result_dir, 'metrics': metrics,
-            'model': model if isinstance(model, dict) else {}, 'mean_of_sets': mean}
+            'model': model if isinstance(model, dict) else {}}
 
 
 class ProtocolMismatch(ValueError):

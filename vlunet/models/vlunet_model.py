@@ -29,8 +29,7 @@ Option keys beyond SRModel's (see options/train/VLUNet_*.yml)::
       metrics: {psnr: {type: calculate_psnr, crop_border: 0, test_y_channel: false}, ...}
 
 In test mode (``vlunet-test``) every validation also updates ``results/<name>/metrics.json``:
-``{val set: {psnr, ssim, input_psnr, input_ssim, images, seconds, protocol, fingerprint, ...}}`` and
-``mean_of_sets``: each metric's mean over the sets' means (with the sets' names and total images).
+``{val set: {psnr, ssim, input_psnr, input_ssim, images, seconds}}``.
 """
 import json
 import os
@@ -453,9 +452,7 @@ class VLUNetModel(VLUNetBaseModel, SRModel):
         """``metrics.json[dataset_name]``: the averages, ``images``, ``seconds``, the ``protocol``; the test set's
         ``fingerprint`` (count, sizes, content hash, files) with ``test_set``, its check against the canonical
         set (:mod:`vlunet.metrics.fingerprint`; a set that differs is logged); and the ``environment``
-        (package versions, device, precision, tiling: :mod:`vlunet.metrics.environment`). ``mean_of_sets`` is
-        recomputed over every set the file holds."""
-        from vlunet.compare import MEAN_OF_SETS, mean_of_sets
+        (package versions, device, precision, tiling: :mod:`vlunet.metrics.environment`)."""
         from vlunet.metrics.environment import environment
         from vlunet.metrics.fingerprint import check_fingerprint, dataset_fingerprint
         path = os.path.join(self.opt['path']['results_root'], 'metrics.json')
@@ -476,7 +473,6 @@ class VLUNetModel(VLUNetBaseModel, SRModel):
         entry['environment'] = environment(self.device, parse_amp(val_opt.get('amp', False), 'val.amp'),
                                            val_opt.get('tile'), val_opt.get('tile_overlap', 16))
         data[dataset_name] = entry
-        data[MEAN_OF_SETS] = mean_of_sets(data)  # over every set in the file (CDD-11's mean of per-type means)
         write_json_atomic(path, data, sort_keys=True)
 
     # ------------------------------------------------------------------ saving
