@@ -143,8 +143,12 @@ def build_onnx_engine(path, max_memory=None):
     import importlib.util
     if importlib.util.find_spec('onnxruntime') is None or importlib.util.find_spec('onnx') is None:
         raise ValueError('--backend onnxruntime needs onnx and onnxruntime: pip install -e ".[export]"')
-    from vlunet.inference.onnx_backend import OnnxEngine
-    return OnnxEngine.from_file(path, max_memory=max_memory)
+    from vlunet.inference.onnx_backend import OnnxEngine, OnnxModelError
+    engine = OnnxEngine.from_file(path, max_memory=max_memory)
+    if 'embedding' in engine.inputs and engine.clip_session is None:  # a bare network graph, not vlunet-export's
+        raise OnnxModelError(f'{path}: takes a CLIP embedding but names no CLIP model to compute it '
+                             '(write it with vlunet-export, which writes both files)')
+    return engine
 
 
 def _backend_problem(args):

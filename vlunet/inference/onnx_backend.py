@@ -116,10 +116,10 @@ class OnnxEngine(BudgetedTiling):
         self.session = _session(model, self.where, threads, lean=bool(self.max_memory))
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.clip_session, self.clip_where = None, None
-        if 'embedding' in self.inputs or self.meta.get('clip_model'):
+        # a network graph written without its CLIP model (write_network_onnx: benchmarks) takes the embedding
+        # from the caller (forward(lq, embedding)); vlunet-export always writes both and names the CLIP file
+        if clip is not None or self.meta.get('clip_model'):
             if clip is None:
-                if not self.meta.get('clip_model'):
-                    raise OnnxModelError(f'{self.where}: takes a CLIP embedding but its metadata names no CLIP model')
                 if not isinstance(model, str):
                     raise OnnxModelError(f'{self.where}: pass the CLIP model ({self.meta["clip_model"]}) as well')
                 clip = os.path.join(os.path.dirname(os.path.abspath(model)), self.meta['clip_model'])
@@ -197,6 +197,9 @@ class OnnxEngine(BudgetedTiling):
         tile_overlap = self.tile_overlap if tile_overlap is ... else tile_overlap
         max_memory = self.max_memory if max_memory is ... else parse_memory(max_memory)
         if 'embedding' in self.inputs and embedding is None:
+            if self.clip_session is None:
+                raise OnnxModelError(f'{self.where}: takes a CLIP embedding, and its metadata names no CLIP model to '
+                                     'compute it (export with vlunet-export, which writes both)')
             embedding = self.clip_outputs(lq)[0]
         tile, how = self.tiling_for(lq.shape[0], lq.shape[-2], lq.shape[-1], tile, tile_overlap, max_memory, None, what)
 
