@@ -212,7 +212,8 @@ class NormLinear(torch.autograd.Function):
     ``apply(x, norm_weight, norm_bias, weight, bias)``: x (B, C, H, W); weight (C_out, C); bias
     (C_out,) or None. Returns (B, C_out, H, W) in channels_last. Under autocast (see
     :func:`compute_dtypes`): x is kept in the autocast dtype (a copy if it is wider), the
-    statistics in float32, the result in the autocast dtype (as the 1x1 convolution gives it).
+    statistics in float32, the result in the autocast dtype (as the 1x1 convolution gives it); a
+    weight that is a computed copy (not a parameter or a view of one) is kept in the autocast dtype too.
     """
 
     @staticmethod
@@ -222,7 +223,10 @@ class NormLinear(torch.autograd.Function):
         with _no_autocast(x.device.type):
             x = x.to(act)
             normed, mean, rstd, native = _layer_norm_rows(to_rows(x), norm_weight, norm_bias, acc)
-            out = F.linear(normed, weight.to(act), _cast(bias, act))
+            w_act = weight.to(act)
+            out = F.linear(normed, w_act, _cast(bias, act))
+        if w_act is not weight and weight._base is None and not weight.is_leaf:
+            weight = w_act  # a fresh copy (channels padded): kept in the autocast dtype, as the product used it
         ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
         ctx.has_bias, ctx.native = bias is not None, native
         return from_rows(out, b, h, w)
