@@ -53,33 +53,25 @@ def network_opt(name, tiny=False):
     return card, variant.name, (card.tiny_opt() if tiny else card.network_opt(variant.name))
 
 
-def _proc_status_mb(field):
-    """A memory field of /proc/self/status (VmHWM: peak resident set, VmRSS: current) in MB; NaN elsewhere."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float('nan')
+def _mb(nbytes):
+    return float('nan') if nbytes is None else nbytes / 2**20
 
 
 def _peak_rss_mb():
-    return _proc_status_mb('VmHWM')
+    """Peak resident set (MB; NaN where /proc is not available), as the inference memory budget reads it."""
+    from vlunet.inference.memory import peak_resident_bytes
+    return _mb(peak_resident_bytes())
 
 
 def _current_rss_mb():
-    return _proc_status_mb('VmRSS')
+    from vlunet.inference.memory import resident_bytes
+    return _mb(resident_bytes())
 
 
 def _reset_peak_rss():
-    """Reset VmHWM to the current resident set (Linux >= 4.0); otherwise leave it."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    except OSError:
-        pass
+    """Reset the peak resident set to the current one (Linux >= 4.0); otherwise leave it."""
+    from vlunet.inference.memory import reset_peak_resident
+    reset_peak_resident()
 
 
 def _start_peak_memory(device):
