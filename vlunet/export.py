@@ -18,6 +18,10 @@ What the network takes besides the image (its method card says) decides what is 
   option file's ``text_embedding.mode: blind`` is exported: the graph picks the prompt of the type the
   exported CLIP model sees (inputs ``image`` and ``embedding``).
 
+A network whose eval draws random numbers is exported in its deterministic form (its ``for_export()``):
+MoCE-IR routes without the published evaluation noise, and the check runs PyTorch the same way; the
+metadata's ``note`` says so.
+
 Height and width: the graphs take multiples of 8 of at least 16 pixels; the runner pads any image
 with reflection to that (as the PyTorch engine does) and crops back. The exported networks use the
 plain formulation of the shared blocks (the fused autograd Functions are for training and have no ONNX
@@ -231,6 +235,13 @@ def clip_path_for(path):
     return stem + '.clip.onnx'
 
 
+def deterministic(net):
+    """Let a network whose eval draws random numbers (MoCE-IR's routing noise) switch to its deterministic
+    form, which a graph can hold (the network's ``for_export()``); returns its note of what changed, or None."""
+    for_export = getattr(net, 'for_export', None)
+    return for_export() if callable(for_export) else None
+
+
 def network_proto(net, card, conditioning='none', code=None, codes=None, text_features=None, opset=DEFAULT_OPSET):
     """The restoration graph of a bare network as a ModelProto (no metadata): ``conditioning`` 'none',
     'embedding' (input ``embedding``), 'task' (``code`` baked in) or 'blind' (``codes`` and ``text_features``)."""
@@ -238,6 +249,7 @@ def network_proto(net, card, conditioning='none', code=None, codes=None, text_fe
 
     from vlunet.archs.conditioning import CLIP_DIM
     RestorationGraph, _ = _graphs()
+    deterministic(net)
     graph = RestorationGraph(net.eval(), card, conditioning, code, text_features, codes).eval()
     takes_embedding = conditioning in ('embedding', 'blind')
     g = torch.Generator().manual_seed(0)
@@ -262,12 +274,13 @@ def write_network_onnx(net, card, path, code=None, opset=DEFAULT_OPSET):
     conditioning = {DEGRADATION_EMBEDDING: 'embedding', TEXT_EMBEDDING: 'task'}.get(card.condition, 'none')
     if conditioning == 'task' and code is None:
         code = torch.zeros(CLIP_DIM)
+    note = deterministic(net)
     proto = network_proto(net, card, conditioning, code=code, opset=opset)
     meta = {'format': FORMAT, 'role': 'restoration', 'method': card.name, 'arch': type(net).__name__,
             'conditioning': conditioning, 'inputs': ['image'] + (['embedding'] if conditioning == 'embedding' else []),
             'outputs': ['restored'], 'multiple': MULTIPLE, 'min_side': MIN_SIDE, 'batch': 1, 'embedding_dim': CLIP_DIM,
             'layout': layout_digest(net) + f'-{conditioning}', 'precision': 'fp32', 'opset': opset,
-            'torch': torch.__version__}
+            'torch': torch.__version__, **({'note': note} if note else {})}
     _set_metadata(proto, meta)
     data = proto.SerializeToString()
     write_atomic(path, lambda f: f.write(data))
@@ -307,6 +320,10 @@ def export_models(engine, task_index=None, opset=DEFAULT_OPSET, describe=None, l
             'torch': torch.__version__, **(describe or {})}
     if task_index is not None:
         meta['task'] = {'index': task_index}
+    note = deterministic(net)  # before the graph is traced and before the check runs PyTorch
+    if note:
+        meta['note'] = note
+        log(note)
     start = time.perf_counter()
     log(f'exporting {engine.network_name} ({conditioning}) ...')
     main = network_proto(net, engine.card, conditioning, code, codes,

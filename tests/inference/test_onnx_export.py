@@ -266,3 +266,42 @@ def test_networks_whose_graphs_once_failed_to_export_restore_like_pytorch(method
             ref = card.read_output(net, net(image) if code is None else net(image, code[None])).image
         out = session.run(None, {'image': image.numpy()})[0]
         assert out.shape == tuple(ref.shape) and np.abs(out - ref.numpy()).max() < 1e-4
+
+
+def test_moceir_exports_its_expert_routing_as_conditionals(tmp_path, capsys):
+    """MoCE-IR's experts are chosen per image: the graph holds each expert in a conditional (ONNX If) and routes
+    without the published eval noise (a graph has no PyTorch RNG), which the exporter says and checks against."""
+    import onnxruntime as ort
+    from vlunet.archs import moceir_arch
+    from vlunet.archs.card import example_inputs, get_card
+    card = get_card('MoCE-IR')
+    net_opt = {'type': 'MoCEIR', 'dim': 8, 'levels': 2, 'num_blocks': [1, 1], 'num_dec_blocks': [1],
+               'num_refinement_blocks': 1, 'heads': [1, 2], 'num_experts': 2}
+    torch.manual_seed(0)
+    net = card.arch_class(**{k: v for k, v in net_opt.items() if k != 'type'})
+    torch.save({'params': net.state_dict()}, tmp_path / 'net_g.pth')
+    opt = write_yaml(tmp_path / 'opt.yml', {'name': 'moce_export', 'network_g': net_opt,
+                                            'path': {'pretrain_network_g': str(tmp_path / 'net_g.pth')}})
+    status = export_module.main(['-opt', opt, '-o', str(tmp_path / 'moce.onnx'),
+                                 '--check', os.path.join(DEMO, 'val', 'chelsea.png')])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert 'routing without the evaluation noise' in out
+    import onnx
+    meta = onnx_backend.read_metadata(onnx.load(str(tmp_path / 'moce.onnx')), 'moce.onnx')
+    assert 'eval_routing_noise=False' in meta['note']
+
+    net.eval()
+    assert export_module.deterministic(net) is not None and export_module.deterministic(net) is None
+    session = ort.InferenceSession(str(tmp_path / 'moce.onnx'), providers=['CPUExecutionProvider'])
+    mixture = next(m for m in net.modules() if isinstance(m, moceir_arch.ExpertMixture))
+    routed = {}
+    for k in range(16):  # images of rising contrast, until the router has chosen each expert
+        image = example_inputs(card, 1, 40, 56, generator=torch.Generator().manual_seed(k))[0] * (0.2 + 0.15 * k)
+        with torch.no_grad():
+            ref = net(image)
+        routed.setdefault(int(mixture.routing.last_routing['top_k_indices']), (image, ref))
+    assert len(routed) == 2, f'the router chose only expert(s) {sorted(routed)}: the test needs images routed apart'
+    for expert, (image, ref) in routed.items():
+        got = session.run(None, {'image': image.numpy()})[0]
+        assert np.abs(got - ref.numpy()).max() < 1e-4, f'expert {expert}'

@@ -270,7 +270,9 @@ class ExpertMixture(nn.Module):
 
     def forward(self, x, freq_emb, shared):
         gates, top_k_indices, top_k_values, self.loss = self.routing(x, freq_emb)
-        if self.training or self.per_sample_eval:
+        if torch.compiler.is_exporting() and not self.training:  # one image: either eval routing
+            out = self._exported(x, shared, top_k_indices, top_k_values)
+        elif self.training or self.per_sample_eval:
             out = self._per_sample(x, shared, gates)
         else:
             out = self._batch_wide(x, shared, top_k_indices, top_k_values)
@@ -298,6 +300,23 @@ class ExpertMixture(nn.Module):
         out = 0
         for j, i in enumerate(chosen):
             out = out + weights[:, j if x.shape[0] == 1 else 0] * outputs[i]
+        return out
+
+    def _exported(self, x, shared, top_k_indices, top_k_values):
+        """The batch-of-1 eval routing as a graph (torch.export, ONNX): every expert sits in a conditional
+        (``torch.cond``, ONNX ``If``) that runs it only when the router chose it, so a graph runs the
+        chosen experts alone, as the published code does; the others add exact zeros."""
+        if x.shape[0] != 1:
+            raise ValueError(f'MoCEIR: an exported graph takes one image at a time, not a batch of {x.shape[0]}')
+        gates = torch.zeros(1, self.num_experts, dtype=top_k_values.dtype, device=x.device)
+        gates = gates.scatter(1, top_k_indices, top_k_values)
+        out = torch.zeros_like(x)
+        for i in range(self.num_experts):
+            expert = self.expert(i)
+            # both branches contiguous: a conditional's branches must agree on their memory layout
+            ran = torch.cond(gates[0, i] > 0, lambda a, s: expert(a, s).contiguous(),
+                             lambda a, s: torch.zeros_like(a).contiguous(), (x, shared))
+            out = out + ran * gates[:, i].reshape(1, 1, 1, 1)
         return out
 
 
@@ -486,6 +505,21 @@ class MoCEIR(nn.Module):
         self.refinement = encoder(num_refinement_blocks, dim, heads[0])
         self.output = nn.Conv2d(dim, out_channels, kernel_size=3, padding=1, bias=bias)
         self.total_loss = None
+
+    def for_export(self):
+        """Make eval deterministic for an exported graph; returns what changed (None when nothing did).
+
+        An ONNX graph cannot reproduce the published eval's draw from PyTorch's global RNG, so the
+        routers route without it (``eval_routing_noise=False``): the graph, and the PyTorch network it
+        is checked against, pick each block's experts from the noise-free logits."""
+        routers = [m for m in self.modules() if isinstance(m, Router) and m.eval_noise]
+        for router in routers:
+            router.eval_noise = False
+        if not routers:
+            return None
+        return (f'MoCEIR: routing without the evaluation noise (eval_routing_noise=False) in {len(routers)} routers: '
+                'the published eval adds Gaussian noise of std 1/num_experts to the routing logits, drawn from '
+                "PyTorch's random number generator, which a graph cannot reproduce")
 
     def forward(self, x, labels=None):
         padded, size = pad_to_multiple(x, 2 ** (self.levels - 1))  # levels - 1 halvings
