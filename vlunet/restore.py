@@ -252,6 +252,8 @@ def main(argv=None):
     try:
         if args.backend == 'onnxruntime':
             engine = build_onnx_engine(args.onnx, max_memory)
+            if engine.meta.get('note'):  # what the export changed (e.g. MoCE-IR's routing without noise)
+                print(f'{args.onnx}: {engine.meta["note"]}')
         else:
             engine = build_engine(args.opt, args.model, device, trust_pickle=args.trust_pickle,
                                   precision=args.precision or 'fp32', max_memory=max_memory)

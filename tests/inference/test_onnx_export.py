@@ -305,3 +305,20 @@ def test_moceir_exports_its_expert_routing_as_conditionals(tmp_path, capsys):
     for expert, (image, ref) in routed.items():
         got = session.run(None, {'image': image.numpy()})[0]
         assert np.abs(got - ref.numpy()).max() < 1e-4, f'expert {expert}'
+
+    # vlunet-restore: the ONNX file says what the export changed, and with the option file routing the same way
+    # the PyTorch path writes the same files
+    quiet = write_yaml(tmp_path / 'quiet.yml', {'name': 'moce_export', 'network_g': {**net_opt, 'eval_routing_noise': False},
+                                                'path': {'pretrain_network_g': str(tmp_path / 'net_g.pth')}})
+    photos = tmp_path / 'in'
+    photos.mkdir()
+    for name in ('astronaut.png', 'rocket.png'):
+        shutil.copy(os.path.join(DEMO, 'train', name), photos / name)
+    status, out, err = _restore(['--backend', 'onnxruntime', '--onnx', tmp_path / 'moce.onnx', '-i', photos,
+                                 '-o', tmp_path / 'ort'], capsys)
+    assert status == 0 and 'routing without the evaluation noise' in out, err
+    status, _, err = _restore(['-opt', quiet, '-i', photos, '-o', tmp_path / 'torch', '--device', 'cpu'], capsys)
+    assert status == 0, err
+    for name in ('astronaut.png', 'rocket.png'):
+        a, b = (cv2.imread(str(tmp_path / d / name)).astype(np.int64) for d in ('torch', 'ort'))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, name
