@@ -8,6 +8,7 @@ import torch
 from vlunet.inference.memory import (SAFETY, MemoryBudgetError, MemoryMeter, MemoryModel, budget_pixel_limit,
                                      cached_model, calibrate, format_bytes, image_buffer_bytes, parse_memory,
                                      plan_tiles)
+from vlunet.utils.tiling import balanced_tile, tile_count, tiled_forward
 
 MiB, GiB = 2**20, 2**30
 
@@ -83,11 +84,29 @@ def test_the_plan_runs_whole_what_fits_and_tiles_the_rest_within_the_budget():
     assert small.tile is None and 'whole image' in small.reason and small.estimate <= budget
     big = plan_tiles(model, budget, in_use, 1, 3000, 4000, 32)
     assert big.tile is not None and big.tile % 8 == 0 and big.estimate <= budget
-    # the largest tile: one 8 px larger would not fit
     room = budget - in_use - image_buffer_bytes(1, 3000, 4000)
-    assert model.forward_bytes(big.tile ** 2) <= room < model.forward_bytes((big.tile + 8) ** 2)
+    assert model.forward_bytes(big.tile ** 2) <= room
+    # as few forwards as the largest tile that fits (one 8 px larger would not), on tiles no larger than needed
+    largest = next(t for t in range(8, 4008, 8) if model.forward_bytes((t + 8) ** 2) > room)
+    assert tile_count(3000, 4000, big.tile, 32) == tile_count(3000, 4000, largest, 32)
+    assert tile_count(3000, 4000, big.tile - 8, 32) > tile_count(3000, 4000, largest, 32)
     assert f'tiles of {big.tile} px' in big.reason and '3.0 GiB' in big.reason
     assert math.isclose(model.forward_bytes(1), SAFETY * (10 * MiB + 2000))
+
+
+def test_tiles_are_no_larger_than_their_count_needs():
+    # a 1152x864 photo that tiles of up to 832 px cover in 2 x 2: tiles of 592 px cover it in 2 x 2 too
+    assert balanced_tile(864, 1152, 832, 32) == 592
+    assert tile_count(864, 1152, 592, 32) == tile_count(864, 1152, 832, 32) == 4
+    assert tile_count(864, 1152, 584, 32) > 4
+    for h, w, tile, overlap in ((3008, 4016, 408, 32), (100, 1000, 64, 16), (513, 257, 128, 8), (50, 3000, 48, 32)):
+        side = balanced_tile(h, w, tile, overlap)
+        assert side % 8 == 0 and side <= tile and tile_count(h, w, side, overlap) == tile_count(h, w, tile, overlap)
+        assert side == 32 or tile_count(h, w, side - 8, overlap) > tile_count(h, w, tile, overlap)
+    assert balanced_tile(500, 400, 512, 32) == 512  # fits one tile: unchanged
+    # the restored image is the same function of the input with the smaller tiles (blending covers every pixel)
+    x = torch.rand(1, 3, 70, 90)
+    assert torch.allclose(tiled_forward(lambda t: t * 2, x, balanced_tile(70, 90, 64, 16), 16), x * 2)
 
 
 def test_a_budget_too_small_for_any_tile_is_one_clear_error():

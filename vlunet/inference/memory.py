@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from vlunet.utils.tiling import MIN_TILE, TILE_MULTIPLE
+from vlunet.utils.tiling import MIN_TILE, TILE_MULTIPLE, balanced_tile
 
 UNITS = {'': 1, 'B': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 SAFETY = 1.15                 # measured activation peaks are scaled by this before planning
@@ -353,10 +353,14 @@ def plan_tiles(model, budget, in_use, batch, height, width, overlap, channels=3,
             f'use already, its buffers take {format_bytes(buffers)} and even tiles of {smallest} px need '
             f'{format_bytes(model.forward_bytes(batch * smallest * smallest))} (about {format_bytes(need)} in all); '
             'raise --max-memory, or restore smaller images')
+    largest = side
+    side = max(balanced_tile(height, width, largest, overlap), smallest)  # as many tiles, less overlap recomputed
     tile_bytes = model.forward_bytes(batch * side * side)
     return TilePlan(side, f'tiled by the memory budget: the whole image would need about '
                           f'{format_bytes(in_use + buffers + whole)}, more than {format_bytes(budget)}; with tiles of '
-                          f'{side} px about {format_bytes(in_use + buffers + tile_bytes)}',
+                          f'{side} px about {format_bytes(in_use + buffers + tile_bytes)}'
+                          + (f' (tiles up to {largest} px would fit; as many smaller ones recompute less overlap)'
+                             if side < largest else ''),
                     in_use + buffers + tile_bytes, budget)
 
 

@@ -107,6 +107,22 @@ def tile_count(height, width, tile, overlap):
     return n(height) * n(width)
 
 
+def balanced_tile(height, width, tile, overlap):
+    """The smallest tile side (a multiple of TILE_MULTIPLE, at most ``tile``) that covers a height x width
+    image in no more tiles than ``tile`` does: the same number of forwards, each on a smaller tile, so
+    that less is computed twice where tiles overlap (a 1152x864 photo in tiles of at most 832 px: four
+    of 592 px, 1.4 megapixels computed, instead of four of 832 px, 2.8 megapixels)."""
+    tile = int(math.ceil(tile / TILE_MULTIPLE) * TILE_MULTIPLE)
+    if height <= tile and width <= tile:
+        return tile
+
+    def needed(length):  # n tiles of side t advancing by t - overlap cover n (t - overlap) + overlap pixels
+        n = 1 if length <= tile else math.ceil((length - tile) / (tile - overlap)) + 1
+        return length if n == 1 else math.ceil((length - overlap) / n) + overlap
+    side = int(math.ceil(max(needed(height), needed(width)) / TILE_MULTIPLE) * TILE_MULTIPLE)
+    return max(min(side, tile), min(tile, MIN_TILE))
+
+
 def check_tiling(tile, overlap, min_stride=1, names=('--tile', '--tile-overlap')):
     """None when ``tile``/``overlap`` make valid tiles, else the reason (naming the options)."""
     if tile is None:
