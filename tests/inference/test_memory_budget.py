@@ -36,11 +36,15 @@ def test_the_meter_sees_an_allocation_and_its_peak():
     meter = MemoryMeter('cpu')
     if not meter.available:
         pytest.skip('no /proc on this system')
+    import mmap
     meter.start()
     before = meter.in_use()
-    block = torch.ones(64 * MiB // 4)  # 64 MiB, touched
+    # 64 MiB of fresh pages, touched: an anonymous mapping, since malloc may hand out heap pages that an earlier
+    # test freed but the process still holds (the resident set would not grow; it did once in a full suite)
+    block = mmap.mmap(-1, 64 * MiB)
+    block.write(b'\x01' * (64 * MiB))
     peak = meter.peak()
-    del block
+    block.close()
     assert peak - before >= 60 * MiB
 
 
