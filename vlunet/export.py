@@ -244,12 +244,12 @@ def deterministic(net):
 
 def network_proto(net, card, conditioning='none', code=None, codes=None, text_features=None, opset=DEFAULT_OPSET):
     """The restoration graph of a bare network as a ModelProto (no metadata): ``conditioning`` 'none',
-    'embedding' (input ``embedding``), 'task' (``code`` baked in) or 'blind' (``codes`` and ``text_features``)."""
+    'embedding' (input ``embedding``), 'task' (``code`` baked in) or 'blind' (``codes`` and ``text_features``).
+    Its callers first make a random eval deterministic (:func:`deterministic`), keeping the note."""
     import torch
 
     from vlunet.archs.conditioning import CLIP_DIM
     RestorationGraph, _ = _graphs()
-    deterministic(net)
     graph = RestorationGraph(net.eval(), card, conditioning, code, text_features, codes).eval()
     takes_embedding = conditioning in ('embedding', 'blind')
     g = torch.Generator().manual_seed(0)

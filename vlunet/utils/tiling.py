@@ -95,16 +95,21 @@ def tiled_forward(fn, x, tile, overlap=16, multiple=8):
     return out / weight
 
 
+def _rounded(tile):
+    return int(math.ceil(tile / TILE_MULTIPLE) * TILE_MULTIPLE)
+
+
+def _tiles_along(length, tile, overlap):
+    """How many tiles of side ``tile`` (advancing by tile - overlap) :func:`tiled_forward` puts along ``length``."""
+    return 1 if length <= tile else math.ceil((length - tile) / (tile - overlap)) + 1
+
+
 def tile_count(height, width, tile, overlap):
     """Forwards :func:`tiled_forward` makes for an image of this size."""
-    tile = int(math.ceil(tile / TILE_MULTIPLE) * TILE_MULTIPLE)
+    tile = _rounded(tile)
     if height <= tile and width <= tile:
         return 1
-    stride = tile - overlap
-
-    def n(length):
-        return 1 if length <= tile else math.ceil((length - tile) / stride) + 1
-    return n(height) * n(width)
+    return _tiles_along(height, tile, overlap) * _tiles_along(width, tile, overlap)
 
 
 def balanced_tile(height, width, tile, overlap):
@@ -112,14 +117,14 @@ def balanced_tile(height, width, tile, overlap):
     image in no more tiles than ``tile`` does: the same number of forwards, each on a smaller tile, so
     that less is computed twice where tiles overlap (a 1152x864 photo in tiles of at most 832 px: four
     of 592 px, 1.4 megapixels computed, instead of four of 832 px, 2.8 megapixels)."""
-    tile = int(math.ceil(tile / TILE_MULTIPLE) * TILE_MULTIPLE)
+    tile = _rounded(tile)
     if height <= tile and width <= tile:
         return tile
 
     def needed(length):  # n tiles of side t advancing by t - overlap cover n (t - overlap) + overlap pixels
-        n = 1 if length <= tile else math.ceil((length - tile) / (tile - overlap)) + 1
+        n = _tiles_along(length, tile, overlap)
         return length if n == 1 else math.ceil((length - overlap) / n) + overlap
-    side = int(math.ceil(max(needed(height), needed(width)) / TILE_MULTIPLE) * TILE_MULTIPLE)
+    side = _rounded(max(needed(height), needed(width)))
     return max(min(side, tile), min(tile, MIN_TILE))
 
 
