@@ -23,9 +23,10 @@ the steps above the built network and inputs (CPU: peak resident set, CUDA:
 in a fresh process per measurement, so figures do not mix. On CPU the process first makes glibc give
 large freed blocks back to the system (``vlunet.inference.memory.return_freed_memory``, as the
 inference memory budget does), so the resident set follows the memory in use instead of what the C
-allocator keeps cached; what stays resident is still counted (e.g. oneDNN's bf16 kernel caches, about
-0.1 GB). For a bf16/fp16 configuration the
-table also gives its peak memory and speed relative to the same configuration in float32
+allocator keeps cached; what stays resident is still counted (e.g. oneDNN's primitive cache of bf16
+kernels, about 60 MB; ``import vlunet`` bounds ideep's cache on top of it,
+``vlunet.inference.memory.bound_kernel_cache``, as in every vlunet process). For a bf16/fp16
+configuration the table also gives its peak memory and speed relative to the same configuration in float32
 (``bf16`` against ``fp32``, ``bf16+checkpoint`` against ``checkpoint``): the speed as wall-clock
 samples/s and, in brackets, as process CPU time per step (steadier on a shared machine).
 ``--saved-tensors`` also counts, after the timed steps, the bytes one forward keeps for the

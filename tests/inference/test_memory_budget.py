@@ -1,12 +1,14 @@
 """Memory budgets (vlunet.inference.memory): sizes as people write them, the meter and the calibration
 measured against allocations of known size, and the tile a budget chooses."""
 import math
+import os
+import sys
 
 import pytest
 import torch
 
-from vlunet.inference.memory import (SAFETY, MemoryBudgetError, MemoryMeter, MemoryModel, budget_pixel_limit,
-                                     cached_model, calibrate, format_bytes, image_buffer_bytes, parse_memory,
+from vlunet.inference.memory import (KERNEL_CACHE_ENTRIES, SAFETY, MemoryBudgetError, MemoryMeter, MemoryModel, budget_pixel_limit,
+                                     bound_kernel_cache, cached_model, calibrate, format_bytes, image_buffer_bytes, parse_memory,
                                      plan_tiles)
 from vlunet.utils.tiling import balanced_tile, tile_count, tiled_forward
 
@@ -117,3 +119,62 @@ def test_a_budget_too_small_for_any_tile_is_one_clear_error():
     model = MemoryModel(fixed=10 * MiB, per_pixel=2000.0)
     with pytest.raises(MemoryBudgetError, match=r'photo.png \(4000x3000\) does not fit the memory budget of 1.0 GiB'):
         plan_tiles(model, GiB, 900 * MiB, 1, 3000, 4000, 32, what='photo.png')
+
+
+_CACHE_PROBE = '''
+import ctypes, os, sys, torch
+if sys.argv[1] == 'vlunet':
+    import vlunet  # noqa: F401
+torch.set_num_threads(1)
+
+class MallInfo(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks '
+                'keepcost'.split()]
+
+libc = ctypes.CDLL('libc.so.6')
+libc.mallinfo2.restype = MallInfo
+
+def in_use():
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+weight = torch.randn(24, 24, dtype=torch.bfloat16)
+torch.randn(256, 24, dtype=torch.bfloat16) @ weight
+before = in_use()
+for rows in range(8, 208):  # 200 shapes of bf16 matrix product, each a computation of its own
+    torch.randn(rows, 24, dtype=torch.bfloat16) @ weight
+print(os.environ.get('LRU_CACHE_CAPACITY'), (in_use() - before) / 2**20)
+'''
+
+
+def _cache_probe(tmp_path, how, **env):
+    import subprocess
+    import sys
+    script = tmp_path / 'probe.py'
+    script.write_text(_CACHE_PROBE)
+    environ = {k: v for k, v in os.environ.items() if k != 'LRU_CACHE_CAPACITY'}
+    proc = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=120,
+                          env={**environ, **env})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    size, grown = proc.stdout.split()
+    return size, float(grown)
+
+
+@pytest.mark.skipif(not (sys.platform.startswith('linux') and torch.backends.mkldnn.is_available()
+                         and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason='needs glibc and oneDNN bf16 kernels')
+def test_import_vlunet_bounds_the_cpu_cache_of_onednn_computations(tmp_path):
+    default_size, default_grown = _cache_probe(tmp_path, 'plain')
+    size, grown = _cache_probe(tmp_path, 'vlunet')
+    assert default_size == 'None' and size == str(KERNEL_CACHE_ENTRIES)
+    # 200 distinct products: PyTorch's default cache keeps all of them (about 0.2 MB each), vlunet's 32
+    assert grown < default_grown - 20, (grown, default_grown)
+    assert _cache_probe(tmp_path, 'vlunet', LRU_CACHE_CAPACITY='500')[0] == '500'  # the user's size wins
+
+
+def test_a_cache_size_that_is_not_a_positive_integer_is_named(monkeypatch):
+    monkeypatch.setenv('LRU_CACHE_CAPACITY', '0')
+    with pytest.raises(ValueError, match=r"LRU_CACHE_CAPACITY='0'.*positive integer"):
+        bound_kernel_cache()
+    monkeypatch.setenv('LRU_CACHE_CAPACITY', '64')
+    assert bound_kernel_cache() == 64

@@ -119,6 +119,28 @@ def reset_peak_resident():
         return False
 
 
+KERNEL_CACHE_ENTRIES = 32
+
+
+def bound_kernel_cache(entries=KERNEL_CACHE_ENTRIES):
+    """Bound ideep's cache of oneDNN computations to ``entries`` unless the user has set its size.
+
+    On the CPU, PyTorch runs bf16 matrix products and convolutions through ideep, which keeps an LRU
+    cache of up to ``LRU_CACHE_CAPACITY`` (default 1024) prepared computations, one per shape, on top
+    of oneDNN's own primitive cache (which already spares the kernels' recompilation). A training step
+    of a restoration network touches a few hundred shapes, so at the default the cache holds all of
+    them: 30-45 MB resident in bf16 (scripts/benchmark_train.py, patch 128, batch 2), with no speed
+    measured in return; a few dozen entries keep the hits of consecutive blocks of one level.
+    ideep reads the variable when it first builds a computation, so this must run before the first
+    one (``import vlunet`` calls it). Returns the size in force; a size that is not a positive
+    integer raises ValueError (ideep would end the process without a word at its first computation)."""
+    value = os.environ.setdefault('LRU_CACHE_CAPACITY', str(int(entries)))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f'environment variable LRU_CACHE_CAPACITY={value!r}: expected a positive integer '
+                         f'(the entries of PyTorch\'s CPU cache of oneDNN computations; unset it for {entries})')
+    return int(value)
+
+
 _RETURNING = []
 
 
