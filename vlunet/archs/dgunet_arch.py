@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from vlunet.archs.card import CheckpointFormat, MethodCard, data_parallel_layout, PublishedResults, Variant, register_card, stage_list_output
+from vlunet.archs.card import (CheckpointFormat, MethodCard, data_parallel_layout, PublishedResults, ReferenceCode, Variant,
+                               register_card, stage_list_output)
 from vlunet.utils.tiling import crop_to, pad_to_multiple
 from vlunet.archs.dgunet_blocks import (SAM, GradientOperator, SubspaceMerge, UNetDecoder, UNetEncoder,
                                         check_unet_widths, conv, gradient_step, shallow_feature,
@@ -244,6 +245,7 @@ DGUNET_CARD = register_card(MethodCard(
     name='DGUNet', arch='DGUNet',
     paper='Mou et al., "Deep Generalized Unfolding Networks for Image Restoration", CVPR 2022',
     code=_CODE + ' (Deraining/DGUNet.py; Deblurring/ and Denoising/DGUNet.py are the same class)',
+    reference=ReferenceCode('DGUNet'),
     variants=(Variant('DGUNet', 'DGUNet', dict(n_feat=80, scale_unetfeats=48, scale_orsnetfeats=32, depth=5),
                       params=17_331_512, listing='keys_DGUNet_deblurring_denoising.tsv'),
               Variant('DGUNet-derain', None, {}, params=3_661_912, listing='keys_DGUNet_deraining.tsv')),
@@ -279,6 +281,7 @@ DGUNET_PLUS_CARD = register_card(MethodCard(
     name='DGUNet+', arch='DGUNetPlus',
     paper=DGUNET_CARD.paper,
     code=_CODE + ' (Deraining/DGUNet_plus.py, class DGUNet)',
+    reference=ReferenceCode('DGUNet'),
     variants=(Variant('DGUNet+-derain', None, {}, params=12_176_107, listing='keys_DGUNetPlus_deraining.tsv'),
               Variant('DGUNet+-deblur', None, dict(n_feat=96, scale_unetfeats=48, scale_orsnetfeats=32),
                       params=69_572_915, listing='keys_DGUNetPlus_deblurring.tsv'),

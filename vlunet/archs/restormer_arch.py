@@ -8,8 +8,8 @@ from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from vlunet.archs.blocks import Downsample, OverlapPatchEmbed, Upsample, crop_to, pad_to_multiple, transformer_blocks
-from vlunet.archs.card import (CheckpointFormat, MethodCard, params_layout, PublishedResults, Variant, count_blocks, expansion_factor, layer_norm_type,
-                               register_card)
+from vlunet.archs.card import (CheckpointFormat, MethodCard, params_layout, PublishedResults, ReferenceCode, Variant,
+                               count_blocks, expansion_factor, layer_norm_type, register_card)
 
 
 @ARCH_REGISTRY.register()
@@ -106,6 +106,7 @@ CARD = register_card(MethodCard(
     name='Restormer', arch='Restormer',
     paper='Zamir et al., "Restormer: Efficient Transformer for High-Resolution Image Restoration", CVPR 2022',
     code='swz30/Restormer @ df766d5521afd21cce56e24159f300b30ebf3fb0 (basicsr/models/archs/restormer_arch.py)',
+    reference=ReferenceCode('Restormer'),
     variants=(Variant('Restormer', 'Restormer', {}, params=26_126_644, listing='keys_Restormer.tsv'),),
     tiny=dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1]),
     signature=('patch_embed.proj.weight', 'encoder_level1.0.attn.qkv.weight'),
