@@ -35,7 +35,7 @@ from vlunet.inference.conditioning import Conditioner, text_codes_from_options
 from vlunet.inference.memory import (MemoryBudgetError, MemoryMeter, calibrate, cached_model,  # noqa: F401
                                      format_bytes, parse_memory, plan_tiles)
 from vlunet.utils.checkpoint import load_published_state_dict
-from vlunet.utils.tiling import crop_to, pad_to_multiple, tile_count, tiled_forward
+from vlunet.utils.tiling import crop_to, describe_tiles, pad_to_multiple, tile_count, tiled_forward
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -202,15 +202,13 @@ class BudgetedTiling:
     def tiling_for(self, batch, height, width, tile, tile_overlap, max_memory, net=None, what='the image'):
         """``(tile or None, how it runs)``: the tile asked for, else the memory budget's choice, else whole."""
         if tile:
-            n = tile_count(height, width, tile, tile_overlap)
-            if n == 1:
+            if tile_count(height, width, tile, tile_overlap) == 1:
                 return tile, f'whole image (it fits one {tile} px tile)'
-            return tile, f'{n} tiles of {tile} px with {tile_overlap} px overlap, as asked (--tile)'
+            return tile, f'{describe_tiles(height, width, tile, tile_overlap)}, as asked (--tile)'
         if max_memory:
             plan = self.plan(batch, height, width, tile_overlap, net, max_memory, what)
             if plan.tile:
-                n = tile_count(height, width, plan.tile, tile_overlap)
-                return plan.tile, f'{n} tiles of {plan.tile} px with {tile_overlap} px overlap, {plan.reason}'
+                return plan.tile, f'{describe_tiles(height, width, plan.tile, tile_overlap)}, {plan.reason}'
             return None, plan.reason
         return None, 'whole image'
 

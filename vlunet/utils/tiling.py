@@ -68,9 +68,11 @@ def _blend_window(th, tw, overlap, device, dtype):
 def tiled_forward(fn, x, tile, overlap=16, multiple=8):
     """Run ``fn`` (image batch -> same-size image batch) over overlapping tiles and blend them.
 
-    ``tile`` is the tile side in pixels (rounded up to ``multiple``), ``overlap`` how much
+    ``tile`` is the largest tile side in pixels (rounded up to ``multiple``), ``overlap`` how much
     neighbouring tiles share; inside the overlap the outputs are averaged with linear ramps, so
-    there are no seams. Memory is that of one tile. Images no larger than a tile run in one go.
+    there are no seams. Along each side the image gets as many tiles as ``tile`` needs, each no longer
+    than they must be to cover it (:func:`tile_shape`), so little is computed twice. Memory is that of
+    one tile. Images no larger than a tile run in one go.
     """
     b, _, h, w = x.shape
     tile = int(math.ceil(tile / multiple) * multiple)
@@ -79,11 +81,11 @@ def tiled_forward(fn, x, tile, overlap=16, multiple=8):
     if h <= tile and w <= tile:
         padded, size = pad_to_multiple(x, multiple)
         return crop_to(fn(padded), size)
-    stride = tile - overlap
+    th, tw = tile_shape(h, w, tile, overlap, multiple)
     out = weight = None
-    for top in _starts(h, tile, stride):
-        for left in _starts(w, tile, stride):
-            patch = x[..., top:top + tile, left:left + tile]
+    for top in _starts(h, th, th - overlap):
+        for left in _starts(w, tw, tw - overlap):
+            patch = x[..., top:top + th, left:left + tw]
             padded, size = pad_to_multiple(patch, multiple)
             y = crop_to(fn(padded), size)
             win = _blend_window(y.shape[-2], y.shape[-1], overlap, y.device, y.dtype)
@@ -112,20 +114,42 @@ def tile_count(height, width, tile, overlap):
     return _tiles_along(height, tile, overlap) * _tiles_along(width, tile, overlap)
 
 
+def _side_along(length, tile, overlap, multiple=TILE_MULTIPLE):
+    """The side that covers ``length`` with as many tiles as side ``tile`` needs there, no longer than that
+    (n tiles of side t advancing by t - overlap cover n (t - overlap) + overlap pixels)."""
+    n = _tiles_along(length, tile, overlap)
+    if n == 1:
+        return tile
+    return min(tile, int(math.ceil((math.ceil((length - overlap) / n) + overlap) / multiple) * multiple))
+
+
+def tile_shape(height, width, tile, overlap, multiple=TILE_MULTIPLE):
+    """``(tile height, tile width)`` that :func:`tiled_forward` uses for an image of this size with tiles of at
+    most ``tile`` px: each side as short as covering the image in :func:`tile_count`'s tiles allows (a
+    1152x864 photo in tiles of at most 592 px: 2 x 2 tiles of 592x448 px, not 592x592)."""
+    tile = int(math.ceil(tile / multiple) * multiple)
+    return (min(height, _side_along(height, tile, overlap, multiple)),
+            min(width, _side_along(width, tile, overlap, multiple)))
+
+
 def balanced_tile(height, width, tile, overlap):
     """The smallest tile side (a multiple of TILE_MULTIPLE, at most ``tile``) that covers a height x width
     image in no more tiles than ``tile`` does: the same number of forwards, each on a smaller tile, so
     that less is computed twice where tiles overlap (a 1152x864 photo in tiles of at most 832 px: four
-    of 592 px, 1.4 megapixels computed, instead of four of 832 px, 2.8 megapixels)."""
+    of 592 px, 1.4 megapixels computed, instead of four of 832 px, 2.8 megapixels; :func:`tiled_forward`
+    then makes them 592x448, 1.06 megapixels)."""
     tile = _rounded(tile)
     if height <= tile and width <= tile:
         return tile
-
-    def needed(length):  # n tiles of side t advancing by t - overlap cover n (t - overlap) + overlap pixels
-        n = _tiles_along(length, tile, overlap)
-        return length if n == 1 else math.ceil((length - overlap) / n) + overlap
-    side = _rounded(max(needed(height), needed(width)))
+    side = _rounded(max(tile_shape(height, width, tile, overlap)))
     return max(min(side, tile), min(tile, MIN_TILE))
+
+
+def describe_tiles(height, width, tile, overlap):
+    """'4 tiles of 592 px (592x448) with 32 px overlap': how :func:`tiled_forward` tiles an image of this size."""
+    th, tw = tile_shape(height, width, tile, overlap)
+    shape = f' ({tw}x{th})' if (th, tw) != (_rounded(tile),) * 2 else ''
+    return f'{tile_count(height, width, tile, overlap)} tiles of {tile} px{shape} with {overlap} px overlap'
 
 
 def check_tiling(tile, overlap, min_stride=1, names=('--tile', '--tile-overlap')):
