@@ -43,6 +43,11 @@ def crop_to(x, size):
     return x[..., :h, :w]
 
 
+def _rounded(tile, multiple=TILE_MULTIPLE):
+    """``tile`` rounded up to a multiple of ``multiple``."""
+    return int(math.ceil(tile / multiple) * multiple)
+
+
 def _starts(length, tile, stride):
     if length <= tile:
         return [0]
@@ -75,7 +80,7 @@ def tiled_forward(fn, x, tile, overlap=16, multiple=8):
     one tile. Images no larger than a tile run in one go.
     """
     b, _, h, w = x.shape
-    tile = int(math.ceil(tile / multiple) * multiple)
+    tile = _rounded(tile, multiple)
     if overlap >= tile:
         raise ValueError(f'tile overlap ({overlap}) must be smaller than the tile size ({tile})')
     if h <= tile and w <= tile:
@@ -97,10 +102,6 @@ def tiled_forward(fn, x, tile, overlap=16, multiple=8):
     return out / weight
 
 
-def _rounded(tile):
-    return int(math.ceil(tile / TILE_MULTIPLE) * TILE_MULTIPLE)
-
-
 def _tiles_along(length, tile, overlap):
     """How many tiles of side ``tile`` (advancing by tile - overlap) :func:`tiled_forward` puts along ``length``."""
     return 1 if length <= tile else math.ceil((length - tile) / (tile - overlap)) + 1
@@ -120,14 +121,14 @@ def _side_along(length, tile, overlap, multiple=TILE_MULTIPLE):
     n = _tiles_along(length, tile, overlap)
     if n == 1:
         return tile
-    return min(tile, int(math.ceil((math.ceil((length - overlap) / n) + overlap) / multiple) * multiple))
+    return min(tile, _rounded(math.ceil((length - overlap) / n) + overlap, multiple))
 
 
 def tile_shape(height, width, tile, overlap, multiple=TILE_MULTIPLE):
     """``(tile height, tile width)`` that :func:`tiled_forward` uses for an image of this size with tiles of at
     most ``tile`` px: each side as short as covering the image in :func:`tile_count`'s tiles allows (a
     1152x864 photo in tiles of at most 592 px: 2 x 2 tiles of 592x448 px, not 592x592)."""
-    tile = int(math.ceil(tile / multiple) * multiple)
+    tile = _rounded(tile, multiple)
     return (min(height, _side_along(height, tile, overlap, multiple)),
             min(width, _side_along(width, tile, overlap, multiple)))
 
