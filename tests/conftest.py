@@ -5,6 +5,22 @@ import sys
 import pytest
 import yaml
 
+MAX_WORKERS = 4  # several tests hold 2-3 GB each (full-size budgets, exports): four at once fit a 24 GB machine
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # the suite runs in one worker per core (pytest.ini): each computes on one thread, as the command-line
+    # tests' subprocesses do, instead of all of them competing for every core
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pytest.ini): one worker per core this process may use, at most MAX_WORKERS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, 'tests', 'fixtures')  # copies of the published reference data (../shared/reference)
 DEMO_TRAIN = os.path.join(REPO, 'options', 'train', 'VLUNet_demo.yml')
