@@ -24,6 +24,7 @@ nor the budget would be honest.
 """
 import ctypes
 import ctypes.util
+import gc
 import hashlib
 import json
 import math
@@ -258,7 +259,13 @@ def calibrate(run, device, channels=3, sides=CALIBRATION_SIDES, what=''):
 
     Each peak is the meter's peak during that forward minus what was held just before it; the line
     through the two sizes gives ``per_pixel`` (at least half the larger size's average, so a noisy
-    small size cannot make it optimistic) and ``fixed`` the rest."""
+    small size cannot make it optimistic) and ``fixed`` the rest.
+
+    Memory freed during a forward by someone else (the cyclic garbage collector, another thread)
+    lowers its measured peak by as much, so the collector runs before each forward and is paused
+    during it; and where the two sizes disagree (the smaller one costing less per pixel than the
+    larger one, which a non-negative ``fixed`` rules out), both are measured again and the larger
+    reading of each is kept: a one-off drop cannot make a budget optimistic."""
     meter = MemoryMeter(device)
     if not meter.available:
         raise MemoryBudgetError(f'a memory budget cannot be measured on {device} (only CPUs with Linux /proc and '
@@ -266,17 +273,30 @@ def calibrate(run, device, channels=3, sides=CALIBRATION_SIDES, what=''):
     if meter.kind == 'cpu':
         return_freed_memory()
     generator = torch.Generator().manual_seed(0)
-    samples = []
-    with torch.no_grad():
-        for i, side in enumerate((sides[0], *sides)):
-            x = torch.rand(1, channels, side, side, generator=generator).to(device)
+
+    def measure(side):
+        x = torch.rand(1, channels, side, side, generator=generator).to(device)
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
             meter.start()
             before = meter.in_use()
             out = run(x)
             peak = meter.peak()
             del out
-            if i:  # the first is a warm-up (one-off buffers, kernel caches)
-                samples.append((side * side, max(0, peak - before)))
+        finally:
+            if collecting:
+                gc.enable()
+        return side * side, max(0, peak - before)
+
+    with torch.no_grad():
+        measure(sides[0])  # a warm-up (one-off buffers, kernel caches)
+        samples = [measure(side) for side in sides]
+        (n1, p1), (n2, p2) = samples[-2], samples[-1]
+        if p1 * n2 < 0.9 * p2 * n1:
+            again = [measure(side) for side in sides]
+            samples = [(n, max(p, q)) for (n, p), (_, q) in zip(samples, again)]
     (n1, p1), (n2, p2) = samples[-2], samples[-1]
     per_pixel = max((p2 - p1) / (n2 - n1), p2 / n2 * 0.5, 1.0)
     fixed = max(0.0, p2 - per_pixel * n2)
