@@ -43,7 +43,7 @@ UNITS = {'': 1, 'B': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 SAFETY = 1.15                 # measured activation peaks are scaled by this before planning
 WHOLE_IMAGE_COPIES = 3        # float32 RGB images the engine adds beside one forward (see the module docstring)
 CALIBRATION_SIDES = (128, 256)  # square calibration forwards (pixels per side), after a warm-up at the first
-MODEL_VERSION = 1             # bump when the calibration changes (old cached models are then ignored)
+MODEL_VERSION = 2             # bump when the calibration changes (old cached models are then ignored)
 
 
 class MemoryBudgetError(ValueError):
