@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
 import time
@@ -216,6 +217,10 @@ def _subprocess(args, script=__file__, timeout=None):
     """``script --_child JSON(args)`` in a fresh interpreter; returns the JSON its last output line holds."""
     cmd = [sys.executable, os.path.abspath(script), '--_child', json.dumps(args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode < 0:  # a signal: its name last, where a note reads the last line
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else str(-proc.returncode)
+        hint = ' (the out-of-memory killer?)' if -proc.returncode == signal.SIGKILL else ''
+        raise RuntimeError(f'{args}: {proc.stderr[-2000:]}\nkilled by {name}{hint}')
     if proc.returncode != 0:
         raise RuntimeError(f'{args}: {proc.stderr[-2000:]}')
     return json.loads(proc.stdout.strip().splitlines()[-1])

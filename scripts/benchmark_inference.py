@@ -16,7 +16,8 @@ Also, with the SAME weights and inputs:
   ``reference`` says, stand-ins for imports it does not need, as ``benchmark_archs.py --reference``),
   run on the whole image as the authors' test scripts do, at the sizes it can run: a size whose memory,
   extrapolated from its smaller sizes, would pass the budget (or the machine's free memory) is listed
-  as not run, with the estimate;
+  as not run, with the estimate, and so is every size above one where it failed or timed out (killed
+  by the out-of-memory killer, say);
 * ``--onnx``: the network exported by vlunet-export's graph builder, on ONNX Runtime's CPU provider
   (fp32), under the same budget and tiling rules.
 
@@ -376,7 +377,7 @@ def main(argv=None):
                 onnx_path = None
                 rows.append(_row(label, 'onnxruntime', 'fp32', args.device, 0, '', f'export failed: {_last(err)}'))
         for precision in args.precisions:
-            published_per_mp = None
+            published_per_mp, published_failed = None, None
             for mp in sizes:
                 width, height = photos[mp]
                 size = f'{width}x{height}'
@@ -386,6 +387,10 @@ def main(argv=None):
                 for impl in impls:
                     if impl == 'published' and args.published_sizes and mp not in args.published_sizes:
                         rows.append(_row(label, impl, precision, args.device, mp, size, 'not run (--published-sizes)'))
+                        continue
+                    if impl == 'published' and published_failed:
+                        rows.append(_row(label, impl, precision, args.device, mp, size,
+                                         f'not run: it failed at {published_failed}'))
                         continue
                     limit = published_limit()
                     if impl == 'published' and published_per_mp and limit and published_per_mp * mp > limit:
@@ -405,9 +410,11 @@ def main(argv=None):
                     except subprocess.TimeoutExpired:
                         rows.append(_row(label, impl, precision, args.device, mp, size,
                                          f'timed out after {args.timeout:.0f} s'))
+                        published_failed = published_failed or (f'{mp:g} MP' if impl == 'published' else None)
                         continue
                     except RuntimeError as err:
                         rows.append(_row(label, impl, precision, args.device, mp, size, f'failed: {_last(err)}'))
+                        published_failed = published_failed or (f'{mp:g} MP' if impl == 'published' else None)
                         continue
                     outputs[impl] = out_path
                     note = r['how'].split(', tiled by')[0] + ' (budget)' if r['tile'] else ''

@@ -30,3 +30,13 @@ def test_unknown_name_is_refused(capsys):
     with pytest.raises(SystemExit):
         benchmark_archs.main(['--archs', 'NoSuchMethod', '--tiny'])
     assert 'NoSuchMethod' in capsys.readouterr().err
+
+
+def test_a_measurement_killed_by_a_signal_says_so(tmp_path):
+    """A child killed by the kernel (the out-of-memory killer sends SIGKILL) leaves no traceback: the
+    error's last line, which the benchmarks' tables quote, names the signal."""
+    script = tmp_path / 'child.py'
+    script.write_text('import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n')
+    with pytest.raises(RuntimeError) as caught:
+        benchmark_archs._subprocess({'what': 'nothing'}, script=str(script), timeout=60)
+    assert str(caught.value).strip().splitlines()[-1] == 'killed by SIGKILL (the out-of-memory killer?)'
