@@ -218,8 +218,9 @@ def _subprocess(args, script=__file__, timeout=None):
     cmd = [sys.executable, os.path.abspath(script), '--_child', json.dumps(args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode < 0:  # a signal: its name last, where a note reads the last line
-        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else str(-proc.returncode)
-        hint = ' (the out-of-memory killer?)' if -proc.returncode == signal.SIGKILL else ''
+        number = -proc.returncode
+        name = signal.Signals(number).name if number in signal.valid_signals() else f'signal {number}'
+        hint = ' (the out-of-memory killer?)' if number == signal.SIGKILL else ''
         raise RuntimeError(f'{args}: {proc.stderr[-2000:]}\nkilled by {name}{hint}')
     if proc.returncode != 0:
         raise RuntimeError(f'{args}: {proc.stderr[-2000:]}')

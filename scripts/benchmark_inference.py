@@ -410,11 +410,11 @@ def main(argv=None):
                     except subprocess.TimeoutExpired:
                         rows.append(_row(label, impl, precision, args.device, mp, size,
                                          f'timed out after {args.timeout:.0f} s'))
-                        published_failed = published_failed or (f'{mp:g} MP' if impl == 'published' else None)
+                        published_failed = f'{mp:g} MP' if impl == 'published' else published_failed
                         continue
                     except RuntimeError as err:
                         rows.append(_row(label, impl, precision, args.device, mp, size, f'failed: {_last(err)}'))
-                        published_failed = published_failed or (f'{mp:g} MP' if impl == 'published' else None)
+                        published_failed = f'{mp:g} MP' if impl == 'published' else published_failed
                         continue
                     outputs[impl] = out_path
                     note = r['how'].split(', tiled by')[0] + ' (budget)' if r['tile'] else ''

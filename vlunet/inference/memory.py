@@ -43,6 +43,7 @@ UNITS = {'': 1, 'B': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 SAFETY = 1.15                 # measured activation peaks are scaled by this before planning
 WHOLE_IMAGE_COPIES = 3        # float32 RGB images the engine adds beside one forward (see the module docstring)
 CALIBRATION_SIDES = (128, 256)  # square calibration forwards (pixels per side), after a warm-up at the first
+CALIBRATION_AGREEMENT = 0.9   # the smaller side costing less per pixel than this times the larger's: both measure again
 MODEL_VERSION = 2             # bump when the calibration changes (old cached models are then ignored)
 
 
@@ -255,7 +256,7 @@ class MemoryModel:
 
 def calibrate(run, device, channels=3, sides=CALIBRATION_SIDES, what=''):
     """Measure ``run`` ((1, C, h, w) float32 in [0, 1] -> restored batch; it applies the precision and the
-    conditioning) at a warm-up size and at each side in ``sides``; returns the fitted :class:`MemoryModel`.
+    conditioning) at a warm-up size and at the two sides in ``sides``; returns the fitted :class:`MemoryModel`.
 
     Each peak is the meter's peak during that forward minus what was held just before it; the line
     through the two sizes gives ``per_pixel`` (at least half the larger size's average, so a noisy
@@ -293,11 +294,11 @@ def calibrate(run, device, channels=3, sides=CALIBRATION_SIDES, what=''):
     with torch.no_grad():
         measure(sides[0])  # a warm-up (one-off buffers, kernel caches)
         samples = [measure(side) for side in sides]
-        (n1, p1), (n2, p2) = samples[-2], samples[-1]
-        if p1 * n2 < 0.9 * p2 * n1:
+        (n1, p1), (n2, p2) = samples
+        if p1 / n1 < CALIBRATION_AGREEMENT * p2 / n2:
             again = [measure(side) for side in sides]
             samples = [(n, max(p, q)) for (n, p), (_, q) in zip(samples, again)]
-    (n1, p1), (n2, p2) = samples[-2], samples[-1]
+    (n1, p1), (n2, p2) = samples
     per_pixel = max((p2 - p1) / (n2 - n1), p2 / n2 * 0.5, 1.0)
     fixed = max(0.0, p2 - per_pixel * n2)
     return MemoryModel(float(fixed), float(per_pixel), tuple(samples), what)
