@@ -37,7 +37,7 @@ setup(
     # app: vlunet-app, the local restore page (Gradio 6 built-ins: ImageSlider, BarPlot, buttons=);
     # test: everything its tests need, the app and the browser test's driver included
     extras_require={'app': APP_REQUIRES, 'export': EXPORT_REQUIRES,
-                    'test': ['pytest>=7', 'pytest-xdist>=3', 'selenium>=4.10'] + APP_REQUIRES + EXPORT_REQUIRES},
+                    'test': ['pytest>=7.3', 'pytest-xdist>=3', 'selenium>=4.10'] + APP_REQUIRES + EXPORT_REQUIRES},
     entry_points={
         'console_scripts': [
             'vlunet-train=vlunet.train:main',

@@ -213,6 +213,16 @@ def static_figures(name, tiny=False):
     return {'params_M': params / 1e6, 'gmacs_256': count_gmacs(opt)}
 
 
+def scratch_dir(prefix):
+    """A temporary folder for the measured outputs (a 12 MP photo's is 144 MB), removed when the script exits."""
+    import atexit
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def _subprocess(args, script=__file__, timeout=None):
     """``script --_child JSON(args)`` in a fresh interpreter; returns the JSON its last output line holds."""
     cmd = [sys.executable, os.path.abspath(script), '--_child', json.dumps(args)]
@@ -243,8 +253,6 @@ def main(argv=None):
     if args is None:
         return 0
 
-    import tempfile
-
     import torch
 
     names = args.archs or default_selection()
@@ -261,7 +269,7 @@ def main(argv=None):
             parser.error(f'--reference {item}: expected NAME=FILE with NAME a configuration whose card names its '
                          'published class, and an existing published source file')
         references[_cards().find_variant(name)[1].name] = path
-    tmp = tempfile.mkdtemp(prefix='vlunet-bench-')
+    tmp = scratch_dir('vlunet-bench-')
     rows = []
     for query in names:
         _, name, _ = network_opt(query)

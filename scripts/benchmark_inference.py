@@ -352,8 +352,7 @@ def main(argv=None):
             if found and key not in references:
                 references[key] = found
 
-    import tempfile
-    tmp = tempfile.mkdtemp(prefix='vlunet-bench-inference-')
+    tmp = ba.scratch_dir('vlunet-bench-inference-')
     rule = (f'--quick: the largest photo gets a budget with room for {QUICK_TILE} px tiles only' if args.quick else
             f'budget {format_bytes(budget) if budget else "none"} (our engine and onnxruntime tile what would not fit)')
     header = (f'{ba_describe(args.device, args.threads)}; load average at the start {_load()}; {rule}; '

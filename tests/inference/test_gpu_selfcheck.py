@@ -21,7 +21,9 @@ def _table(text):
 
 
 def test_quick_self_check_prints_one_table_of_passed_checks(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS='1', VLUNET_CACHE_DIR=str(tmp_path / 'cache'))
+    scratch = tmp_path / 'tmp'  # the benchmarks' and the checks' temporary folders, all removed at their end
+    scratch.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS='1', VLUNET_CACHE_DIR=str(tmp_path / 'cache'), TMPDIR=str(scratch))
     proc = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'gpu_selfcheck.py'), '--quick',
                            '--markdown', str(tmp_path / 'selfcheck.md')], capture_output=True, text=True, env=env,
                           timeout=900)
@@ -37,6 +39,7 @@ def test_quick_self_check_prints_one_table_of_passed_checks(tmp_path):
     assert re.search(r'0 failed', proc.stdout)
     assert '### benchmark_inference.py' in proc.stdout and '### benchmark_train.py' in proc.stdout
     assert (tmp_path / 'selfcheck.md').read_text().startswith('vlunet self-check')
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith('vlunet-')]
 
 
 def test_random_routing_is_drawn_as_the_fixture_was_and_a_missed_tolerance_fails(monkeypatch):
