@@ -9,7 +9,7 @@ import torch
 
 from vlunet.inference.memory import (KERNEL_CACHE_ENTRIES, SAFETY, MemoryBudgetError, MemoryMeter, MemoryModel, budget_pixel_limit,
                                      bound_kernel_cache, cached_model, calibrate, format_bytes, image_buffer_bytes, parse_memory,
-                                     plan_tiles)
+                                     plan_tiles, return_freed_memory)
 from vlunet.utils.tiling import balanced_tile, tile_count, tiled_forward
 
 MiB, GiB = 2**20, 2**30
@@ -64,6 +64,24 @@ def test_calibration_measures_what_a_forward_allocates_per_pixel():
     assert 3900 <= model.per_pixel <= 4600, model
     assert model.fixed < 8 * MiB, model
     assert len(model.samples) == 2 and model.samples[1][0] > model.samples[0][0]
+
+
+def test_a_heap_full_of_freed_small_blocks_does_not_hide_the_forward():
+    """120 MB of 200 KB blocks (under the mmap threshold, so in glibc's heap) freed below a block that
+    stays: the free region is resident, and a 64 MB scratch served from it would read as nothing (the
+    suite saw the smaller size read 0 in every round). The calibration gives those pages back first."""
+    if not (MemoryMeter('cpu').available and return_freed_memory()):
+        pytest.skip('needs /proc and glibc')
+    blocks = [torch.ones(50_000) for _ in range(600)]
+    stays = torch.ones(50_000)  # noqa: F841  (above the freed blocks in the heap)
+    del blocks
+
+    def run(x):
+        scratch = torch.ones(x.shape[-2] * x.shape[-1] * 1000)  # 4000 bytes per pixel
+        return x * scratch[:1]
+
+    model = calibrate(run, 'cpu')
+    assert model.samples[0][1] >= 60 * MiB and 3900 <= model.per_pixel <= 4600, model
 
 
 def test_memory_freed_during_a_measured_forward_does_not_skew_the_calibration():

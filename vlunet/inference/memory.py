@@ -45,7 +45,7 @@ WHOLE_IMAGE_COPIES = 3        # float32 RGB images the engine adds beside one fo
 CALIBRATION_SIDES = (128, 256)  # square calibration forwards (pixels per side), after a warm-up at the first
 CALIBRATION_AGREEMENT = 0.9   # the smaller side costing less per pixel than this times the larger's: both measure again
 CALIBRATION_ROUNDS = 3        # at most this many measurements of each side (while the two disagree)
-MODEL_VERSION = 2             # bump when the calibration changes (old cached models are then ignored)
+MODEL_VERSION = 3             # bump when the calibration changes (old cached models are then ignored)
 
 
 class MemoryBudgetError(ValueError):
@@ -147,6 +147,26 @@ def bound_kernel_cache(entries=KERNEL_CACHE_ENTRIES):
 _RETURNING = []
 
 
+def _glibc():
+    """The C library (None where it cannot be loaded)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError:
+        return None
+
+
+def release_free_heap():
+    """Give the free pages inside glibc's heaps back to the system (``malloc_trim(0)``). Blocks under the
+    mmap threshold that were freed stay in the heap, resident; freed next to each other they form large
+    free regions, and a large allocation served from one would not raise the resident set, so a
+    measurement would read it as nothing. True where it applied (glibc only)."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, 'malloc_trim'):
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 def return_freed_memory(threshold=256 * 1024):
     """Make glibc's malloc give blocks of ``threshold`` bytes or more back to the system when they are
     freed (a fixed mmap threshold, which also stops glibc from raising it after large frees), so the
@@ -155,14 +175,13 @@ def return_freed_memory(threshold=256 * 1024):
         return _RETURNING[0]
     ok = False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        mallopt = libc.mallopt
+        mallopt = _glibc().mallopt
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         m_trim_threshold, m_mmap_threshold = -1, -3
         ok = bool(mallopt(m_mmap_threshold, int(threshold))) and bool(mallopt(m_trim_threshold, int(threshold)))
-        if ok and hasattr(libc, 'malloc_trim'):
-            libc.malloc_trim(0)
-    except (OSError, AttributeError):
+        if ok:
+            release_free_heap()
+    except AttributeError:  # no C library, or one without mallopt
         ok = False
     _RETURNING.append(ok)
     return ok
@@ -263,6 +282,9 @@ def calibrate(run, device, channels=3, sides=CALIBRATION_SIDES, what=''):
     through the two sizes gives ``per_pixel`` (at least half the larger size's average, so a noisy
     small size cannot make it optimistic) and ``fixed`` the rest.
 
+    On the CPU the free pages inside the C allocator's heaps are given back before each forward
+    (:func:`release_free_heap`): a process that freed many small blocks (a test suite, an app that
+    restored other photos) would otherwise serve the forward from resident pages, and read nothing.
     Memory freed during a forward by someone else (the cyclic garbage collector, another thread)
     lowers its measured peak by as much, so the collector runs before each forward and is paused
     during it; and where the two sizes disagree (the smaller one costing less per pixel than the
@@ -280,6 +302,8 @@ def calibrate(run, device, channels=3, sides=CALIBRATION_SIDES, what=''):
     def measure(side):
         x = torch.rand(1, channels, side, side, generator=generator).to(device)
         gc.collect()
+        if meter.kind == 'cpu':
+            release_free_heap()  # so what the forward allocates comes as fresh pages, which the meter sees
         collecting = gc.isenabled()
         gc.disable()
         try:
