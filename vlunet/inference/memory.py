@@ -24,6 +24,7 @@ nor the budget would be honest.
 """
 import ctypes
 import ctypes.util
+import functools
 import gc
 import hashlib
 import json
@@ -44,7 +45,6 @@ SAFETY = 1.15                 # measured activation peaks are scaled by this bef
 WHOLE_IMAGE_COPIES = 3        # float32 RGB images the engine adds beside one forward (see the module docstring)
 CALIBRATION_SIDES = (128, 256)  # square calibration forwards (pixels per side), after a warm-up at the first
 CALIBRATION_AGREEMENT = 0.9   # the smaller side costing less per pixel than this times the larger's: both measure again
-CALIBRATION_ROUNDS = 3        # at most this many measurements of each side (while the two disagree)
 MODEL_VERSION = 3             # bump when the calibration changes (old cached models are then ignored)
 
 
@@ -147,8 +147,9 @@ def bound_kernel_cache(entries=KERNEL_CACHE_ENTRIES):
 _RETURNING = []
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
-    """The C library (None where it cannot be loaded)."""
+    """The C library (None where it cannot be loaded); found once (``find_library`` runs ldconfig)."""
     try:
         return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
     except OSError:
@@ -288,9 +289,8 @@ def calibrate(run, device, channels=3, sides=CALIBRATION_SIDES, what=''):
     Memory freed during a forward by someone else (the cyclic garbage collector, another thread)
     lowers its measured peak by as much, so the collector runs before each forward and is paused
     during it; and where the two sizes disagree (the smaller one costing less per pixel than the
-    larger one, which a non-negative ``fixed`` rules out), both are measured again (up to
-    ``CALIBRATION_ROUNDS`` times in all) and the largest reading of each is kept: a drop cannot make a
-    budget optimistic."""
+    larger one, which a non-negative ``fixed`` rules out), both are measured again and the larger
+    reading of each is kept: a one-off drop cannot make a budget optimistic."""
     meter = MemoryMeter(device)
     if not meter.available:
         raise MemoryBudgetError(f'a memory budget cannot be measured on {device} (only CPUs with Linux /proc and '
@@ -320,10 +320,8 @@ def calibrate(run, device, channels=3, sides=CALIBRATION_SIDES, what=''):
     with torch.no_grad():
         measure(sides[0])  # a warm-up (one-off buffers, kernel caches)
         samples = [measure(side) for side in sides]
-        for _ in range(CALIBRATION_ROUNDS - 1):
-            (n1, p1), (n2, p2) = samples
-            if p1 / n1 >= CALIBRATION_AGREEMENT * p2 / n2:
-                break
+        (n1, p1), (n2, p2) = samples
+        if p1 / n1 < CALIBRATION_AGREEMENT * p2 / n2:
             again = [measure(side) for side in sides]
             samples = [(n, max(p, q)) for (n, p), (_, q) in zip(samples, again)]
     (n1, p1), (n2, p2) = samples
